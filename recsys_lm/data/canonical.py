@@ -1,0 +1,63 @@
+"""The canonical form every source is turned into: users, items with text, timed interactions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from recsys_lm.errors import DataError
+
+INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
+OPTIONAL_INTERACTION_COLUMNS = ("rating", "label", "behaviour", "impression_id")
+
+
+@dataclass
+class CanonicalData:
+    """One dataset in canonical form.
+
+    items: `item_id` plus text columns (title, category, ...), one row per item.
+    interactions: `user_id`, `item_id`, `timestamp` (int seconds) and optional
+    `rating` / `label` / `behaviour` / `impression_id`.
+    users: `user_id` plus optional attributes; derived from interactions when absent.
+    """
+
+    name: str
+    items: pd.DataFrame
+    interactions: pd.DataFrame
+    users: pd.DataFrame | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+        if self.users is None:
+            self.users = pd.DataFrame({"user_id": self.interactions["user_id"].unique()})
+
+    def validate(self) -> None:
+        """Check columns, ids and types; the message names the dataset and the column."""
+        where = f"dataset `{self.name}`"
+        missing = [c for c in INTERACTION_COLUMNS if c not in self.interactions.columns]
+        if missing:
+            raise DataError(f"{where}: interactions lack column(s) {missing}")
+        if "item_id" not in self.items.columns:
+            raise DataError(f"{where}: items lack column 'item_id'")
+        if self.interactions.empty:
+            raise DataError(f"{where}: no interactions")
+        if self.items["item_id"].duplicated().any():
+            dup = self.items.loc[self.items["item_id"].duplicated(), "item_id"].iloc[0]
+            raise DataError(f"{where}: items has duplicate item_id {dup!r}")
+        if not pd.api.types.is_integer_dtype(self.interactions["timestamp"]):
+            raise DataError(
+                f"{where}: column 'timestamp' must be integer seconds, "
+                f"got {self.interactions['timestamp'].dtype}"
+            )
+        known = self.interactions["item_id"].isin(self.items["item_id"])
+        if not known.all():
+            bad = self.interactions.loc[~known, "item_id"].iloc[0]
+            raise DataError(
+                f"{where}: {int((~known).sum())} interaction(s) name item ids absent from "
+                f"the items table (first: {bad!r})"
+            )
+
+    @property
+    def text_columns(self) -> list[str]:
+        return [c for c in self.items.columns if c != "item_id"]

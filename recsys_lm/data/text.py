@@ -1,0 +1,113 @@
+"""Item and history text: templates render items, token ids are computed once and reused."""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+
+import pandas as pd
+
+from recsys_lm.errors import ConfigError
+
+
+def render(items: pd.DataFrame, template: str, key: str) -> list[str]:
+    """Format each item row with a plain `str.format` template such as "{title} ({genres})"."""
+    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name}
+    missing = sorted(fields - set(items.columns))
+    if missing:
+        raise ConfigError(key, template, f"fields among the item columns {list(items.columns)}; "
+                          f"{missing} not found")
+    records = items[sorted(fields)].fillna("").astype(str).to_dict("records")
+    return [" ".join(template.format(**row).split()) for row in records]
+
+
+@dataclass
+class TokenLayout:
+    """Where a tokenizer puts its special tokens around one text or a pair of texts.
+
+    transformers v5 tokenizers no longer expose `build_inputs_with_special_tokens`, so the
+    layout is read once from a probe encoding; ids cached without special tokens are then
+    wrapped without calling the tokenizer again.
+    """
+
+    single_prefix: list[int]
+    single_suffix: list[int]
+    pair_prefix: list[int]
+    pair_middle: list[int]
+    pair_suffix: list[int]
+
+    @classmethod
+    def probe(cls, tokenizer) -> TokenLayout:
+        a = tokenizer("alpha", add_special_tokens=False)["input_ids"]
+        b = tokenizer("omega", add_special_tokens=False)["input_ids"]
+        single = tokenizer("alpha")["input_ids"]
+        pair = tokenizer("alpha", "omega")["input_ids"]
+        i = _find(single, a)
+        j = _find(pair, a)
+        k = _find(pair[j + len(a):], b) + j + len(a)
+        return cls(
+            single[:i], single[i + len(a):], pair[:j], pair[j + len(a):k], pair[k + len(b):]
+        )
+
+    def single(self, ids: list[int]) -> tuple[list[int], list[int]]:
+        full = self.single_prefix + ids + self.single_suffix
+        return full, [0] * len(full)
+
+    def pair(self, first: list[int], second: list[int]) -> tuple[list[int], list[int]]:
+        head = self.pair_prefix + first + self.pair_middle
+        tail = second + self.pair_suffix
+        return head + tail, [0] * len(head) + [1] * len(tail)
+
+    @property
+    def single_overhead(self) -> int:
+        return len(self.single_prefix) + len(self.single_suffix)
+
+    @property
+    def pair_overhead(self) -> int:
+        return len(self.pair_prefix) + len(self.pair_middle) + len(self.pair_suffix)
+
+
+def _find(seq: list[int], sub: list[int]) -> int:
+    for start in range(len(seq) - len(sub) + 1):
+        if seq[start:start + len(sub)] == sub:
+            return start
+    raise ValueError("tokenizer probe: could not locate the probe text in its own encoding")
+
+
+class TokenCache:
+    """Token ids of every item's text and history snippet, computed once per dataset."""
+
+    def __init__(
+        self,
+        tokenizer,
+        item_texts: list[str],
+        history_texts: list[str],
+        max_item_tokens: int,
+        history_separator: str = " ; ",
+    ) -> None:
+        self.layout = TokenLayout.probe(tokenizer)
+        encode = tokenizer(item_texts, add_special_tokens=False, truncation=False)["input_ids"]
+        self.item_ids = [ids[:max_item_tokens] for ids in encode]
+        self.history_ids = tokenizer(history_texts, add_special_tokens=False)["input_ids"]
+        self.separator = tokenizer(history_separator.strip(), add_special_tokens=False)[
+            "input_ids"
+        ]
+        self.pad_id = tokenizer.pad_token_id
+
+    def history(self, items: list[int], budget: int) -> list[int]:
+        """The most recent items' snippets that fit `budget` tokens, oldest first."""
+        pieces: list[list[int]] = []
+        used = 0
+        for item in reversed(items):
+            piece = self.history_ids[item]
+            cost = len(piece) + (len(self.separator) if pieces else 0)
+            if used + cost > budget:
+                if not pieces:  # always keep (the tail of) the most recent item
+                    pieces.append(piece[-budget:])
+                break
+            pieces.append(piece)
+            used += cost
+        out: list[int] = []
+        for piece in reversed(pieces):
+            out.extend((self.separator if out else []) + piece)
+        return out

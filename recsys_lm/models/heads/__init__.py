@@ -1,0 +1,1 @@
+"""Heads: one module each, chosen by `_target_` in conf/head/*.yaml."""

@@ -1,0 +1,35 @@
+"""The readable end-of-run summary: model beside baselines, with the evaluation protocol."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_summary(result: dict, output_dir: Path, console: Console | None = None) -> None:
+    console = console or Console()
+    protocol = result["protocol"]
+    table = Table(
+        title=f"{protocol['dataset']} | {protocol['split']} | eval {protocol['eval_mode']}"
+        f" | k={protocol['k']}",
+        title_justify="left",
+    )
+    table.add_column("model")
+    metrics = list(result["test"])
+    for name in metrics:
+        table.add_column(f"test {name}", justify="right")
+    run = result["run"]
+    table.add_row(f"{run['head']} + {run['peft']} ({run['freeze']})",
+                  *(f"{result['test'][m]:.4f}" for m in metrics), style="bold")
+    for name, scores in result["baselines"].items():
+        table.add_row(name, *(f"{scores['test'].get(m, float('nan')):.4f}" for m in metrics))
+    console.print(table)
+    params, timing = result["params"], result["timing"]
+    console.print(
+        f"trainable params {params['trainable']:,} / {params['total']:,} "
+        f"({100 * params['trainable'] / params['total']:.2f}%) | "
+        f"fit {timing['fit_s']:.0f}s, eval {timing['eval_s']:.0f}s, total {timing['total_s']:.0f}s"
+    )
+    console.print(f"outputs: {output_dir.resolve()}  (metrics.json)")

@@ -1,0 +1,149 @@
+"""`python -m recsys_lm.train [overrides]`: compose conf/train.yaml, train, evaluate, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from recsys_lm.baselines import run_baselines
+from recsys_lm.errors import ConfigError, RecsysLMError
+from recsys_lm.models.export import build_module, save_model
+from recsys_lm.models.module import count_parameters
+from recsys_lm.report import print_summary
+
+log = logging.getLogger("recsys_lm")
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def check_precision(cfg: DictConfig) -> None:
+    precision = str(cfg.trainer.precision)
+    if precision.startswith("16") and not torch.cuda.is_available():
+        raise ConfigError("trainer.precision", precision,
+                          "32-true or bf16-mixed on CPU; 16-mixed needs a CUDA GPU")
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train and evaluate one configuration; returns what is written to metrics.json."""
+    started = time.perf_counter()
+    check_precision(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    module = build_module(cfg)
+    datamodule = instantiate(
+        cfg.data, tokenizer=module.backbone.tokenizer, task=module.task,
+        max_length=module.backbone.max_length, _recursive_=True,
+    )
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    module.attach_data(datamodule)
+    params = count_parameters(module)
+    protocol = datamodule.protocol()
+    log.info("parameters: %s trainable of %s total (%.2f%%)", f"{params['trainable']:,}",
+             f"{params['total']:,}", 100 * params["trainable"] / params["total"])
+
+    callbacks, loggers = build_callbacks(cfg), build_loggers(cfg)
+    for logger in loggers:
+        logger.log_hyperparams(
+            {"config": OmegaConf.to_container(cfg, resolve=True), "protocol": protocol,
+             "params": params}
+        )
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    setup_s = time.perf_counter() - started
+
+    fit_start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit_s = time.perf_counter() - fit_start
+
+    eval_start = time.perf_counter()
+    best = _best_checkpoint(trainer)
+    val = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+    test = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+    baselines = run_baselines(datamodule, list(cfg.baselines))
+    eval_s = time.perf_counter() - eval_start
+
+    result = {
+        "test": _strip(test, "test/"),
+        "val": _strip(val, "val/"),
+        "baselines": baselines,
+        "protocol": protocol,
+        "params": params,
+        "timing": {
+            "setup_s": round(setup_s, 2), "fit_s": round(fit_s, 2), "eval_s": round(eval_s, 2),
+            "total_s": round(time.perf_counter() - started, 2),
+            "train_steps": int(trainer.global_step),
+        },
+        "checkpoint": best,
+        "run": {
+            "head": cfg.head.net._target_.rsplit(".", 1)[-1], "peft": cfg.peft.name,
+            "freeze": cfg.freeze._target_.rsplit(".", 1)[-1],
+            "backbone": cfg.backbone.get("name_or_path", cfg.backbone._target_),
+            "precision": str(cfg.trainer.precision), "seed": cfg.seed,
+        },
+    }
+    if cfg.get("export_model"):
+        result["model_dir"] = str(save_model(module, cfg, output_dir / "model"))
+    (output_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    _finish_wandb(loggers)
+    print_summary(result, output_dir)
+    return result
+
+
+def _best_checkpoint(trainer: L.Trainer) -> str | None:
+    """The best checkpoint when validation ran, else the last one, else the weights in memory."""
+    callback = trainer.checkpoint_callback
+    if callback is None:
+        return None
+    if callback.best_model_path:
+        return callback.best_model_path
+    return callback.last_model_path or None
+
+
+def _strip(metrics: dict, prefix: str) -> dict[str, float]:
+    return {k.removeprefix(prefix): float(v) for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def _finish_wandb(loggers: list) -> None:
+    # Each multirun job must close its run, or W&B merges the jobs into one.
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        wandb.finish()
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        result = train(cfg)
+    except (RecsysLMError, InstantiationException, OmegaConfBaseException) as err:
+        cause = err.__cause__ if isinstance(err.__cause__, RecsysLMError) else err
+        print(f"error: {cause}", file=sys.stderr)
+        sys.exit(2)
+    monitor = cfg.head.monitor
+    value = result["val"].get(monitor)
+    if HydraConfig.get().mode.name == "MULTIRUN":
+        log.info("job finished: val/%s = %s", monitor, value)
+    return value
+
+
+if __name__ == "__main__":
+    main()
