@@ -36,12 +36,14 @@ class RankingMetrics(nn.Module):
     def __init__(self, k: int = 10) -> None:
         super().__init__()
         self.k = k
-        self.metrics = MetricCollection({
-            f"ndcg@{k}": RetrievalNormalizedDCG(top_k=k),
-            f"hr@{k}": RetrievalHitRate(top_k=k),
-            "mrr": RetrievalMRR(),
-            f"mrr@{k}": RetrievalMRR(top_k=k),
-        })
+        self.metrics = MetricCollection(
+            {
+                f"ndcg@{k}": RetrievalNormalizedDCG(top_k=k),
+                f"hr@{k}": RetrievalHitRate(top_k=k),
+                "mrr": RetrievalMRR(),
+                f"mrr@{k}": RetrievalMRR(top_k=k),
+            }
+        )
         self._queries = 0
 
     def update(self, scores: torch.Tensor, target: torch.Tensor, exclude: torch.Tensor) -> None:

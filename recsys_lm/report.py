@@ -21,8 +21,11 @@ def print_summary(result: dict, output_dir: Path, console: Console | None = None
     for name in metrics:
         table.add_column(f"test {name}", justify="right")
     run = result["run"]
-    table.add_row(f"{run['head']} + {run['peft']} ({run['freeze']})",
-                  *(f"{result['test'][m]:.4f}" for m in metrics), style="bold")
+    table.add_row(
+        f"{run['head']} + {run['peft']} ({run['freeze']})",
+        *(f"{result['test'][m]:.4f}" for m in metrics),
+        style="bold",
+    )
     for name, scores in result["baselines"].items():
         table.add_row(name, *(f"{scores['test'].get(m, float('nan')):.4f}" for m in metrics))
     console.print(table)

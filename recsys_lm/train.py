@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -30,8 +30,11 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 def check_precision(cfg: DictConfig) -> None:
     precision = str(cfg.trainer.precision)
     if precision.startswith("16") and not torch.cuda.is_available():
-        raise ConfigError("trainer.precision", precision,
-                          "32-true or bf16-mixed on CPU; 16-mixed needs a CUDA GPU")
+        raise ConfigError(
+            "trainer.precision",
+            precision,
+            "32-true or bf16-mixed on CPU; 16-mixed needs a CUDA GPU",
+        )
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
@@ -50,22 +53,32 @@ def train(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.paths.output_dir)
     module = build_module(cfg)
     datamodule = instantiate(
-        cfg.data, tokenizer=module.backbone.tokenizer, task=module.task,
-        max_length=module.backbone.max_length, _recursive_=True,
+        cfg.data,
+        tokenizer=module.backbone.tokenizer,
+        task=module.task,
+        max_length=module.backbone.max_length,
+        _recursive_=True,
     )
     datamodule.prepare_data()
     datamodule.setup("fit")
     module.attach_data(datamodule)
     params = count_parameters(module)
     protocol = datamodule.protocol()
-    log.info("parameters: %s trainable of %s total (%.2f%%)", f"{params['trainable']:,}",
-             f"{params['total']:,}", 100 * params["trainable"] / params["total"])
+    log.info(
+        "parameters: %s trainable of %s total (%.2f%%)",
+        f"{params['trainable']:,}",
+        f"{params['total']:,}",
+        100 * params["trainable"] / params["total"],
+    )
 
     callbacks, loggers = build_callbacks(cfg), build_loggers(cfg)
     for logger in loggers:
         logger.log_hyperparams(
-            {"config": OmegaConf.to_container(cfg, resolve=True), "protocol": protocol,
-             "params": params}
+            {
+                "config": OmegaConf.to_container(cfg, resolve=True),
+                "protocol": protocol,
+                "params": params,
+            }
         )
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     setup_s = time.perf_counter() - started
@@ -73,6 +86,7 @@ def train(cfg: DictConfig) -> dict:
     fit_start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     fit_s = time.perf_counter() - fit_start
+    train_steps = int(trainer.global_step)  # validate/test below reload a checkpoint's step
 
     eval_start = time.perf_counter()
     best = _best_checkpoint(trainer)
@@ -88,16 +102,20 @@ def train(cfg: DictConfig) -> dict:
         "protocol": protocol,
         "params": params,
         "timing": {
-            "setup_s": round(setup_s, 2), "fit_s": round(fit_s, 2), "eval_s": round(eval_s, 2),
+            "setup_s": round(setup_s, 2),
+            "fit_s": round(fit_s, 2),
+            "eval_s": round(eval_s, 2),
             "total_s": round(time.perf_counter() - started, 2),
-            "train_steps": int(trainer.global_step),
+            "train_steps": train_steps,
         },
         "checkpoint": best,
         "run": {
-            "head": cfg.head.net._target_.rsplit(".", 1)[-1], "peft": cfg.peft.name,
-            "freeze": cfg.freeze._target_.rsplit(".", 1)[-1],
+            "head": cfg.head.task,
+            "peft": cfg.peft.name,
+            "freeze": get_class(cfg.freeze._target_).name,
             "backbone": cfg.backbone.get("name_or_path", cfg.backbone._target_),
-            "precision": str(cfg.trainer.precision), "seed": cfg.seed,
+            "precision": str(cfg.trainer.precision),
+            "seed": cfg.seed,
         },
     }
     if cfg.get("export_model"):

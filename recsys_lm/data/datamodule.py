@@ -48,12 +48,18 @@ class RecDataModule(L.LightningDataModule):
         if eval_mode not in ("full", "sampled"):
             raise ConfigError("data.eval_mode", eval_mode, "`full` or `sampled`")
         if task == "retrieval" and eval_mode != "full":
-            raise ConfigError("data.eval_mode", eval_mode,
-                              "`full` for head=retrieval (it ranks the whole catalogue)")
+            raise ConfigError(
+                "data.eval_mode",
+                eval_mode,
+                "`full` for head=retrieval (it ranks the whole catalogue)",
+            )
         if task == "click" and eval_mode != "sampled":
-            raise ConfigError("data.eval_mode", eval_mode,
-                              "`sampled` for head=click (a cross-encoder scores sampled "
-                              "candidates; use head=retrieval for full ranking)")
+            raise ConfigError(
+                "data.eval_mode",
+                eval_mode,
+                "`sampled` for head=click (a cross-encoder scores sampled "
+                "candidates; use head=retrieval for full ranking)",
+            )
         self.source, self.tokenizer, self.task = source, tokenizer, task
         self.item_template, self.history_template = item_template, history_template
         self.max_item_tokens, self.max_history_tokens = max_item_tokens, max_history_tokens
@@ -70,7 +76,8 @@ class RecDataModule(L.LightningDataModule):
         need = self.max_history_tokens + self.max_item_tokens + 4
         if need > self.max_length:
             raise ConfigError(
-                "data.max_history_tokens", self.max_history_tokens,
+                "data.max_history_tokens",
+                self.max_history_tokens,
                 f"max_history_tokens + max_item_tokens + special tokens <= backbone.max_length "
                 f"({self.max_length}); got {need}",
             )
@@ -86,11 +93,13 @@ class RecDataModule(L.LightningDataModule):
         self.item_ids = items["item_id"].to_numpy()
         item_index = pd.Series(np.arange(len(items)), index=items["item_id"])
         users = pd.Index(self.data.interactions["user_id"].unique())
-        frame = pd.DataFrame({
-            "user": users.get_indexer(self.data.interactions["user_id"]),
-            "item": item_index.loc[self.data.interactions["item_id"]].to_numpy(),
-            "timestamp": self.data.interactions["timestamp"].to_numpy(),
-        })
+        frame = pd.DataFrame(
+            {
+                "user": users.get_indexer(self.data.interactions["user_id"]),
+                "item": item_index.loc[self.data.interactions["item_id"]].to_numpy(),
+                "timestamp": self.data.interactions["timestamp"].to_numpy(),
+            }
+        )
         self.user_ids = users.to_numpy()
         self.num_items = len(items)
         self.split = leave_one_out(frame, len(users))
@@ -108,18 +117,24 @@ class RecDataModule(L.LightningDataModule):
         budget, split = self.max_history_tokens, self.split
         if self.task == "click":
             if stage == "train":
-                return ClickSet.for_training(split, self.num_items, self.train_negatives,
-                                             self.seed, self.cache, budget)
-            return ClickSet.for_eval(split, stage, self.num_items, self.eval_negatives,
-                                     self.seed, self.cache, budget)
+                return ClickSet.for_training(
+                    split, self.num_items, self.train_negatives, self.seed, self.cache, budget
+                )
+            return ClickSet.for_eval(
+                split, stage, self.num_items, self.eval_negatives, self.seed, self.cache, budget
+            )
         if stage == "train":
             return TwoTowerSet(split, self.cache, budget)
         return RankingSet(split, stage, self.num_items, self.cache, budget)
 
     def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=dataset.collate,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=dataset.collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:

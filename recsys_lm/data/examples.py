@@ -33,13 +33,18 @@ def sample_negatives(
 class ClickSet(Dataset):
     """(user, history, candidate, label) rows; negatives sampled once with a fixed seed."""
 
-    def __init__(self, rows: list[tuple[int, list[int], int, float]], cache: TokenCache,
-                 max_history_tokens: int) -> None:
+    def __init__(
+        self,
+        rows: list[tuple[int, list[int], int, float]],
+        cache: TokenCache,
+        max_history_tokens: int,
+    ) -> None:
         self.rows, self.cache, self.budget = rows, cache, max_history_tokens
 
     @classmethod
-    def for_training(cls, split: Split, num_items: int, negatives: int, seed: int, cache,
-                     budget: int) -> ClickSet:
+    def for_training(
+        cls, split: Split, num_items: int, negatives: int, seed: int, cache, budget: int
+    ) -> ClickSet:
         rng = np.random.default_rng(seed)
         rows = []
         for user, seq in enumerate(split.train):
@@ -51,8 +56,9 @@ class ClickSet(Dataset):
         return cls(rows, cache, budget)
 
     @classmethod
-    def for_eval(cls, split: Split, stage: str, num_items: int, negatives: int, seed: int,
-                 cache, budget: int) -> ClickSet:
+    def for_eval(
+        cls, split: Split, stage: str, num_items: int, negatives: int, seed: int, cache, budget: int
+    ) -> ClickSet:
         rng = np.random.default_rng(seed + (1 if stage == "val" else 2))
         rows = []
         for user in split.eval_users(stage):
@@ -72,8 +78,11 @@ class ClickSet(Dataset):
 
     def collate(self, rows) -> PairBatch:
         ids, types = zip(
-            *(self.cache.layout.pair(self.cache.history(h, self.budget), self.cache.item_ids[i])
-              for _, h, i, _ in rows), strict=True
+            *(
+                self.cache.layout.pair(self.cache.history(h, self.budget), self.cache.item_ids[i])
+                for _, h, i, _ in rows
+            ),
+            strict=True,
         )
         input_ids, mask = pad(list(ids), self.cache.pad_id)
         token_types, _ = pad(list(types), 0)
@@ -116,15 +125,17 @@ class TwoTowerSet(Dataset):
         items = [layout.single(self.cache.item_ids[i])[0] for _, i in rows]
         user_ids, user_mask = pad(users, self.cache.pad_id)
         item_ids, item_mask = pad(items, self.cache.pad_id)
-        return TwoTowerBatch(user_ids, user_mask, item_ids, item_mask,
-                             torch.tensor([i for _, i in rows]))
+        return TwoTowerBatch(
+            user_ids, user_mask, item_ids, item_mask, torch.tensor([i for _, i in rows])
+        )
 
 
 class RankingSet(Dataset):
     """Evaluation users for full ranking: history, held-out target, items to exclude."""
 
-    def __init__(self, split: Split, stage: str, num_items: int, cache: TokenCache,
-                 budget: int) -> None:
+    def __init__(
+        self, split: Split, stage: str, num_items: int, cache: TokenCache, budget: int
+    ) -> None:
         self.split, self.stage, self.num_items = split, stage, num_items
         self.cache, self.budget = cache, budget
         self.users = split.eval_users(stage)
@@ -138,14 +149,18 @@ class RankingSet(Dataset):
         return user, self.split.history(user, self.stage), target
 
     def collate(self, rows) -> RankingBatch:
-        users = [self.cache.layout.single(self.cache.history(h, self.budget))[0]
-                 for _, h, _ in rows]
+        users = [
+            self.cache.layout.single(self.cache.history(h, self.budget))[0] for _, h, _ in rows
+        ]
         user_ids, user_mask = pad(users, self.cache.pad_id)
         exclude = torch.zeros((len(rows), self.num_items), dtype=torch.bool)
         for row, (_, history, _) in enumerate(rows):
             exclude[row, history] = True
         return RankingBatch(
-            user_ids, user_mask, torch.tensor([r[2] for r in rows]), exclude,
+            user_ids,
+            user_mask,
+            torch.tensor([r[2] for r in rows]),
+            exclude,
             torch.tensor([r[0] for r in rows]),
         )
 

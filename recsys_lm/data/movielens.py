@@ -14,10 +14,27 @@ from recsys_lm.errors import ConfigError, DataError
 
 ML100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 ML100K_SHA1 = "cd4dcac4241c8a4ad7badc7ca635da8a69dddb83"
-GENRES = (
-    "unknown Action Adventure Animation Children's Comedy Crime Documentary Drama Fantasy "
-    "Film-Noir Horror Musical Mystery Romance Sci-Fi Thriller War Western"
-).split()
+GENRES = [
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+]
 REQUIRED = ("u.data", "u.item")
 
 
@@ -83,12 +100,18 @@ class MovieLens100K:
                 sep="\t",
                 header=None,
                 names=["user_id", "item_id", "rating", "timestamp"],
-                dtype={"user_id": "int64", "item_id": "int64", "rating": "float32",
-                       "timestamp": "int64"},
+                dtype={
+                    "user_id": "int64",
+                    "item_id": "int64",
+                    "rating": "float32",
+                    "timestamp": "int64",
+                },
             )
         except (ValueError, pd.errors.ParserError) as err:
-            raise DataError(f"{file}: expected 4 tab-separated integer columns "
-                            f"(user, item, rating, timestamp): {err}") from err
+            raise DataError(
+                f"{file}: expected 4 tab-separated integer columns "
+                f"(user, item, rating, timestamp): {err}"
+            ) from err
         return frame
 
     @staticmethod

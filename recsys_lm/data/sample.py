@@ -200,7 +200,10 @@ class SampleSource:
             who = rng.choice(["Local", "Top", "New", "Veteran", "Rising", "Star"])
             return f"{who} {noun} {word} {rng.choice(['Boston', 'Denver', 'Austin', 'Seattle', 'Miami', 'Chicago'])}".capitalize()
         year = int(rng.integers(1970, 2024))
-        return f"{word} {noun} {rng.choice(['', 'II', 'Returns', 'Rising', 'Forever'])}".strip() + f" ({year})"
+        return (
+            f"{word} {noun} {rng.choice(['', 'II', 'Returns', 'Rising', 'Forever'])}".strip()
+            + f" ({year})"
+        )
 
     def _fields(self, rng, cat: str, maker: str) -> dict:
         if self.flavour == "ecom":

@@ -15,8 +15,11 @@ def render(items: pd.DataFrame, template: str, key: str) -> list[str]:
     fields = {name for _, name, _, _ in string.Formatter().parse(template) if name}
     missing = sorted(fields - set(items.columns))
     if missing:
-        raise ConfigError(key, template, f"fields among the item columns {list(items.columns)}; "
-                          f"{missing} not found")
+        raise ConfigError(
+            key,
+            template,
+            f"fields among the item columns {list(items.columns)}; {missing} not found",
+        )
     records = items[sorted(fields)].fillna("").astype(str).to_dict("records")
     return [" ".join(template.format(**row).split()) for row in records]
 
@@ -44,9 +47,9 @@ class TokenLayout:
         pair = tokenizer("alpha", "omega")["input_ids"]
         i = _find(single, a)
         j = _find(pair, a)
-        k = _find(pair[j + len(a):], b) + j + len(a)
+        k = _find(pair[j + len(a) :], b) + j + len(a)
         return cls(
-            single[:i], single[i + len(a):], pair[:j], pair[j + len(a):k], pair[k + len(b):]
+            single[:i], single[i + len(a) :], pair[:j], pair[j + len(a) : k], pair[k + len(b) :]
         )
 
     def single(self, ids: list[int]) -> tuple[list[int], list[int]]:
@@ -69,7 +72,7 @@ class TokenLayout:
 
 def _find(seq: list[int], sub: list[int]) -> int:
     for start in range(len(seq) - len(sub) + 1):
-        if seq[start:start + len(sub)] == sub:
+        if seq[start : start + len(sub)] == sub:
             return start
     raise ValueError("tokenizer probe: could not locate the probe text in its own encoding")
 
@@ -89,9 +92,7 @@ class TokenCache:
         encode = tokenizer(item_texts, add_special_tokens=False, truncation=False)["input_ids"]
         self.item_ids = [ids[:max_item_tokens] for ids in encode]
         self.history_ids = tokenizer(history_texts, add_special_tokens=False)["input_ids"]
-        self.separator = tokenizer(history_separator.strip(), add_special_tokens=False)[
-            "input_ids"
-        ]
+        self.separator = tokenizer(history_separator.strip(), add_special_tokens=False)["input_ids"]
         self.pad_id = tokenizer.pad_token_id
 
     def history(self, items: list[int], budget: int) -> list[int]:

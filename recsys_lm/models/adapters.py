@@ -7,11 +7,27 @@ for full fine-tuning).
 from __future__ import annotations
 
 import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 from peft import AdaLoraConfig, PeftConfig, PeftModel, TaskType, get_peft_model
 from peft.tuners.adalora import AdaLoraModel
 
 from recsys_lm.errors import ConfigError
 from recsys_lm.models.backbone import Backbone
+
+
+def make_peft_config(name: str, node: DictConfig | None) -> PeftConfig | None:
+    """Instantiate conf/peft/<name>.yaml's `config`; peft's own validation errors name the key."""
+    if node is None:
+        return None
+    try:
+        return instantiate(node)
+    except InstantiationException as err:
+        reason = err.__cause__ or err
+        raise ConfigError(
+            "peft.config", name, f"valid arguments for {node._target_}: {reason}"
+        ) from err
 
 
 def apply_peft(backbone: Backbone, name: str, config: PeftConfig | None) -> None:
@@ -38,9 +54,13 @@ def adalora_model(backbone: Backbone) -> AdaLoraModel | None:
 
 
 def adalora_step(backbone: Backbone, global_step: int) -> None:
-    """AdaLoRA re-allocates rank from the gradients: call after backward, before zero_grad."""
+    """AdaLoRA re-allocates rank from the gradients: call after the optimizer step, before the
+    gradients are zeroed. Skipped when a freeze strategy left the adapter without gradients."""
     model = adalora_model(backbone)
-    if model is not None:
+    if model is None:
+        return
+    grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    if grads and all(g is not None for g in grads):
         model.update_and_allocate(global_step)
 
 

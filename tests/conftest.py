@@ -1,0 +1,62 @@
+"""Shared fixtures: compose the real Hydra config (conf/train.yaml) on CPU with tiny backbones."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+from recsys_lm.train import CONFIG_DIR
+
+ROOT = Path(__file__).resolve().parent.parent
+# Tiny everything: seconds per run on 2 CPU cores.
+FAST = [
+    "backbone=tiny_bert",
+    "trainer.accelerator=cpu",
+    "trainer.max_steps=4",
+    "trainer.max_epochs=1",
+    "trainer.limit_val_batches=2",
+    "trainer.log_every_n_steps=1",
+    "data.source.num_users=40",
+    "data.source.num_items=60",
+    "data.batch_size=8",
+    "data.eval_negatives=9",
+    "logger=csv",
+]
+
+
+def make_config(
+    tmp_path: Path, overrides: list[str] | None = None, fast: bool = True
+) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=(FAST if fast else []) + (overrides or []))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    return cfg
+
+
+@pytest.fixture
+def config(tmp_path):
+    """Factory: config(["head=click", "peft=ia3"]) -> a composed DictConfig writing into tmp_path."""
+    return lambda overrides=None, **kw: make_config(tmp_path, overrides, **kw)
+
+
+def data_root() -> Path | None:
+    root = os.environ.get("RECSYS_LM_DATA_ROOT") or str(ROOT.parent / "shared" / "data")
+    return Path(root) if Path(root, "movielens-100k", "u.data").exists() else None
+
+
+@pytest.fixture
+def ml100k_root() -> Path:
+    root = data_root()
+    if root is None:
+        pytest.skip(
+            "MovieLens-100K not found: set RECSYS_LM_DATA_ROOT to the folder that "
+            "holds movielens-100k/ (e.g. ../shared/data)"
+        )
+    return root

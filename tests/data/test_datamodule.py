@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recsys_lm.data.batches import PairBatch, RankingBatch, TwoTowerBatch
+from recsys_lm.data.datamodule import RecDataModule
+from recsys_lm.data.sample import SampleSource
+from recsys_lm.errors import ConfigError
+from recsys_lm.models.backbone import build_tiny_bert
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_bert().tokenizer
+
+
+def make(tokenizer, task, **kw):
+    mode = "full" if task == "retrieval" else "sampled"
+    dm = RecDataModule(
+        SampleSource(num_users=30, num_items=50),
+        tokenizer,
+        task,
+        eval_mode=mode,
+        eval_negatives=9,
+        batch_size=4,
+        **kw,
+    )
+    dm.setup()
+    return dm
+
+
+def test_retrieval_batches_exclude_history_and_keep_target(tokenizer):
+    dm = make(tokenizer, "retrieval")
+    batch = next(iter(dm.test_dataloader()))
+    assert isinstance(batch, RankingBatch)
+    assert batch.exclude.shape == (len(batch.target), 50)
+    for row, user in enumerate(batch.user_index.tolist()):
+        history = dm.split.history(user, "test")
+        assert batch.exclude[row, history].all()
+        assert batch.exclude[row].sum() == len(set(history))
+    train = next(iter(dm.train_dataloader()))
+    assert isinstance(train, TwoTowerBatch) and train.user_ids.shape[0] == 4
+    assert dm.protocol()["eval_mode"] == "full"
+
+
+def test_click_eval_has_one_positive_and_n_negatives_per_user(tokenizer):
+    dm = make(tokenizer, "click")
+    rows = dm.datasets["test"].rows
+    users = dm.split.eval_users("test")
+    assert len(rows) == len(users) * 10
+    for user in users[:5]:
+        mine = [r for r in rows if r[0] == user]
+        assert sum(r[3] for r in mine) == 1
+        seen = set(dm.split.history(user, "test")) | {dm.split.test[user]}
+        assert all(r[2] not in seen for r in mine if r[3] == 0)
+    batch = next(iter(dm.train_dataloader()))
+    assert isinstance(batch, PairBatch)
+    assert set(batch.token_type_ids.unique().tolist()) <= {0, 1}
+    assert batch.input_ids.shape[1] <= 128
+    assert dm.protocol()["eval_mode"] == "sampled-9"
+
+
+def test_dynamic_padding_pads_to_the_longest_in_batch(tokenizer):
+    dm = make(tokenizer, "retrieval")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.user_mask.sum(1).max() == batch.user_ids.shape[1]
+    assert torch.all(batch.user_ids[batch.user_mask == 0] == tokenizer.pad_token_id)
+
+
+def test_lengths_that_do_not_fit_the_backbone_are_refused(tokenizer):
+    with pytest.raises(ConfigError, match="max_history_tokens"):
+        RecDataModule(
+            SampleSource(), tokenizer, "retrieval", max_history_tokens=200, max_length=128
+        )
+
+
+def test_click_with_full_ranking_is_refused(tokenizer):
+    with pytest.raises(ConfigError, match="data.eval_mode"):
+        RecDataModule(SampleSource(), tokenizer, "click", eval_mode="full")

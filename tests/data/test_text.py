@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from recsys_lm.data.text import TokenCache, TokenLayout, render
+from recsys_lm.errors import ConfigError
+from recsys_lm.models.backbone import build_tiny_bert
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_bert().tokenizer
+
+
+def test_layout_matches_the_tokenizer_for_single_and_pair(tokenizer):
+    layout = TokenLayout.probe(tokenizer)
+    a = tokenizer("the red shoe", add_special_tokens=False)["input_ids"]
+    b = tokenizer("blue hat", add_special_tokens=False)["input_ids"]
+    assert layout.single(a)[0] == tokenizer("the red shoe")["input_ids"]
+    ids, types = layout.pair(a, b)
+    expected = tokenizer("the red shoe", "blue hat")
+    assert ids == expected["input_ids"]
+    assert types == expected["token_type_ids"]
+
+
+def test_render_formats_items_and_names_missing_fields():
+    items = pd.DataFrame({"item_id": [1], "title": ["Heat (1995)"], "genres": ["Action"]})
+    assert render(items, "{title}. Genres: {genres}.", "k") == ["Heat (1995). Genres: Action."]
+    with pytest.raises(ConfigError, match="data.item_template.*brand"):
+        render(items, "{title} by {brand}", "data.item_template")
+
+
+def test_history_keeps_the_most_recent_items_within_budget(tokenizer):
+    titles = ["alpha", "beta", "gamma", "delta"]
+    cache = TokenCache(tokenizer, titles, titles, max_item_tokens=8)
+    ids = cache.history([0, 1, 2, 3], budget=5)  # 3 one-token titles + 2 separators
+    assert tokenizer.decode(ids) == "beta ; gamma ; delta"
+    assert tokenizer.decode(cache.history([0, 1, 2, 3], budget=1)) == "delta"
