@@ -25,11 +25,8 @@ def evaluate_scores(datamodule, stage: str, item_scores: torch.Tensor) -> dict[s
     assert isinstance(dataset, RankingSet)
     for start in range(0, len(dataset), 256):
         rows = [dataset[i] for i in range(start, min(start + 256, len(dataset)))]
-        exclude = torch.zeros((len(rows), dataset.num_items), dtype=torch.bool)
-        for row, (_, history, _) in enumerate(rows):
-            exclude[row, history] = True
-        target = torch.tensor([r[2] for r in rows])
-        metrics.update(item_scores.expand(len(rows), -1), target, exclude)
+        relevant, exclude = dataset.masks(rows)
+        metrics.update(item_scores.expand(len(rows), -1), relevant, exclude)
     return metrics.compute()
 
 

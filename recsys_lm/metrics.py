@@ -27,10 +27,12 @@ class ClickMetrics(nn.Module):
 
 
 class RankingMetrics(nn.Module):
-    """Full-ranking NDCG@k, HR@k, MRR and MRR@k with one held-out item per user.
+    """NDCG@k, HR@k, MRR and MRR@k over each user's candidate list.
 
-    Excluded items (the user's history) are removed from the candidate list before ranking,
-    so every remaining item of the catalogue competes with the target.
+    Excluded items (the user's history, or in sampled mode everything but the sampled
+    candidates) are removed before ranking; every remaining item competes with the held-out
+    ones. HR@k counts a user as a hit if any held-out item is in the top k; MRR uses the
+    first relevant item.
     """
 
     def __init__(self, k: int = 10) -> None:
@@ -46,13 +48,11 @@ class RankingMetrics(nn.Module):
         )
         self._queries = 0
 
-    def update(self, scores: torch.Tensor, target: torch.Tensor, exclude: torch.Tensor) -> None:
+    def update(self, scores: torch.Tensor, relevant: torch.Tensor, exclude: torch.Tensor) -> None:
         scores = scores.float()
-        relevant = torch.zeros_like(scores, dtype=torch.bool)
-        relevant[torch.arange(len(target)), target] = True
         keep = ~exclude | relevant
-        queries = torch.arange(len(target), device=scores.device) + self._queries
-        self._queries += len(target)
+        queries = torch.arange(len(scores), device=scores.device) + self._queries
+        self._queries += len(scores)
         indexes = queries.unsqueeze(1).expand_as(scores)
         self.metrics.update(scores[keep], relevant[keep], indexes=indexes[keep])
 

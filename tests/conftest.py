@@ -14,18 +14,21 @@ from recsys_lm.train import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 # Tiny everything: seconds per run on 2 CPU cores.
-FAST = [
+TINY = [
     "backbone=tiny_bert",
     "trainer.accelerator=cpu",
     "trainer.max_steps=4",
     "trainer.max_epochs=1",
     "trainer.limit_val_batches=2",
     "trainer.log_every_n_steps=1",
+    "data.batch_size=8",
+    "logger=csv",
+]
+FAST = [
+    *TINY,
     "data.source.num_users=40",
     "data.source.num_items=60",
-    "data.batch_size=8",
     "data.eval_negatives=9",
-    "logger=csv",
 ]
 
 

@@ -17,7 +17,8 @@ def test_ranking_metrics_match_hand_computed_values_with_exclusion():
         ]
     )
     exclude = torch.tensor([[True, False, False, False], [False, False, False, False]])
-    metrics.update(scores, torch.tensor([2, 0]), exclude)
+    relevant = torch.tensor([[False, False, True, False], [True, False, False, False]])
+    metrics.update(scores, relevant, exclude)
     out = metrics.compute()
     assert out["hr@2"] == pytest.approx(0.5)
     assert out["ndcg@2"] == pytest.approx((1 / math.log2(3)) / 2)
@@ -27,11 +28,13 @@ def test_ranking_metrics_match_hand_computed_values_with_exclusion():
 
 def test_ranking_metrics_accumulate_across_batches_and_reset():
     metrics = RankingMetrics(k=1)
-    metrics.update(torch.tensor([[1.0, 0.0]]), torch.tensor([0]), torch.zeros(1, 2, dtype=bool))
-    metrics.update(torch.tensor([[1.0, 0.0]]), torch.tensor([1]), torch.zeros(1, 2, dtype=bool))
+    none = torch.zeros(1, 2, dtype=torch.bool)
+    first, second = torch.tensor([[True, False]]), torch.tensor([[False, True]])
+    metrics.update(torch.tensor([[1.0, 0.0]]), first, none)
+    metrics.update(torch.tensor([[1.0, 0.0]]), second, none)
     assert metrics.compute()["hr@1"] == pytest.approx(0.5)
     metrics.reset()
-    metrics.update(torch.tensor([[1.0, 0.0]]), torch.tensor([0]), torch.zeros(1, 2, dtype=bool))
+    metrics.update(torch.tensor([[1.0, 0.0]]), first, none)
     assert metrics.compute()["hr@1"] == pytest.approx(1.0)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from recsys_lm.train import train
@@ -101,3 +102,60 @@ def test_wandb_logger_works_offline(config, tmp_path, monkeypatch):
     record = next(runs[0].glob("run-*.wandb")).read_bytes()
     assert b"protocol" in record and b"leave-one-out" in record
     assert b"RetrievalHead" in record  # the resolved config (head target) is recorded
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_trains_on_a_custom_dataset_with_only_a_yaml_mapping(tmp_path, suffix):
+    """A user's own export + one YAML file in their own config folder: nothing else."""
+    import pandas as pd
+
+    from tests.conftest import TINY, make_config
+
+    rng = np.random.default_rng(0)
+    products = pd.DataFrame(
+        {
+            "sku": [f"P{i}" for i in range(40)],
+            "name": [f"{c} {k}" for c in ("red", "blue", "green", "black") for k in range(10)],
+            "brand": ["acme", "zenith"] * 20,
+        }
+    )
+    events = pd.DataFrame(
+        {
+            "customer": [f"c{u}" for u in range(25) for _ in range(8)],
+            "sku": [f"P{i}" for i in rng.integers(0, 40, 200)],
+            "ts": pd.date_range("2024-01-01", periods=200, freq="h").astype(str),
+        }
+    )
+    data_dir = tmp_path / "shop"
+    data_dir.mkdir()
+    for name, frame in (("events", events), ("products", products)):
+        path = data_dir / f"{name}{suffix}"
+        frame.to_csv(path, index=False) if suffix == ".csv" else frame.to_parquet(path)
+    conf = tmp_path / "my_conf" / "data"
+    conf.mkdir(parents=True)
+    (conf / "my_shop.yaml").write_text(f"""
+defaults:
+  - custom
+  - _self_
+root: {data_dir}
+source:
+  name: my_shop
+  interactions: {{path: events{suffix}, user: customer, item: sku, time: ts}}
+  items: {{path: products{suffix}, id: sku, text: [name, brand]}}
+item_template: "{{name}}. Brand: {{brand}}."
+history_template: "{{name}}"
+""")
+    cfg = make_config(
+        tmp_path / "run",
+        [
+            *TINY,
+            "data=my_shop",
+            f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ],
+        fast=False,
+    )
+    result = train(cfg)
+    assert result["protocol"]["dataset"] == "my_shop"
+    assert result["protocol"]["items"] == 40
+    assert 0.0 <= result["test"]["ndcg@10"] <= 1.0

@@ -32,12 +32,13 @@ class TwoTowerBatch:
 
 @dataclass
 class RankingBatch:
-    """Users to rank the whole catalogue for (retrieval evaluation, full ranking)."""
+    """Users to rank items for (retrieval evaluation): the whole catalogue in full ranking,
+    held-out items plus sampled negatives in sampled mode (everything else is excluded)."""
 
     user_ids: torch.Tensor  # [B, Lu]
     user_mask: torch.Tensor
-    target: torch.Tensor  # [B] held-out item index
-    exclude: torch.Tensor  # [B, n_items] bool: items the user already has (never ranked)
+    relevant: torch.Tensor  # [B, n_items] bool: the held-out items
+    exclude: torch.Tensor  # [B, n_items] bool: never ranked (history; non-candidates)
     user_index: torch.Tensor  # [B]
 
 

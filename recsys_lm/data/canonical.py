@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
@@ -20,12 +20,18 @@ class CanonicalData:
     interactions: `user_id`, `item_id`, `timestamp` (int seconds) and optional
     `rating` / `label` / `behaviour` / `impression_id`.
     users: `user_id` plus optional attributes; derived from interactions when absent.
+    impressions: what was shown with what was clicked, where a source logs it (native negatives).
+    dropped: how many raw rows each explicit policy removed, e.g. {"html title": 3155}.
     """
 
     name: str
     items: pd.DataFrame
     interactions: pd.DataFrame
     users: pd.DataFrame | None = None
+    # Native candidate lists (MIND): impression_id, user_id, item_id, timestamp, label.
+    impressions: pd.DataFrame | None = None
+    # Rows a source dropped under an explicit policy: reason -> count (reported, never silent).
+    dropped: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()

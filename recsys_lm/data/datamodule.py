@@ -1,21 +1,29 @@
-"""The LightningDataModule: a source in canonical form -> split -> token cache -> loaders."""
+"""The LightningDataModule: a source in canonical form -> filter -> split -> tokens -> loaders."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning as L
 import numpy as np
 import pandas as pd
+import torch
 from torch.utils.data import DataLoader
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from recsys_lm.data.cache import CachedSource
 from recsys_lm.data.canonical import CanonicalData
 from recsys_lm.data.examples import ClickSet, ItemSet, RankingSet, TwoTowerSet
-from recsys_lm.data.split import Split, leave_one_out
+from recsys_lm.data.filters import k_core
+from recsys_lm.data.negatives import NegativeSampler
+from recsys_lm.data.split import Split, make_split
 from recsys_lm.data.text import TokenCache, render
 from recsys_lm.errors import ConfigError
 
+log = logging.getLogger(__name__)
 TASKS = ("click", "retrieval")
+EVAL_MODES = ("full", "sampled")
 
 
 class RecDataModule(L.LightningDataModule):
@@ -40,26 +48,16 @@ class RecDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         root: str | None = None,
+        split: dict | None = None,
+        filter: dict | None = None,  # noqa: A002 - the config key's name
+        negatives: dict | None = None,
+        length_grouping: bool = False,
+        use_cache: bool = True,
+        cache_dir: str = "~/.cache/recsys_lm",
     ) -> None:
         """`root` is the datasets folder; sources read it through `${data.root}`."""
         super().__init__()
-        if task not in TASKS:
-            raise ConfigError("head.task", task, f"one of {list(TASKS)}")
-        if eval_mode not in ("full", "sampled"):
-            raise ConfigError("data.eval_mode", eval_mode, "`full` or `sampled`")
-        if task == "retrieval" and eval_mode != "full":
-            raise ConfigError(
-                "data.eval_mode",
-                eval_mode,
-                "`full` for head=retrieval (it ranks the whole catalogue)",
-            )
-        if task == "click" and eval_mode != "sampled":
-            raise ConfigError(
-                "data.eval_mode",
-                eval_mode,
-                "`sampled` for head=click (a cross-encoder scores sampled "
-                "candidates; use head=retrieval for full ranking)",
-            )
+        self._check_task(task, eval_mode)
         self.source, self.tokenizer, self.task = source, tokenizer, task
         self.item_template, self.history_template = item_template, history_template
         self.max_item_tokens, self.max_history_tokens = max_item_tokens, max_history_tokens
@@ -68,9 +66,32 @@ class RecDataModule(L.LightningDataModule):
         self.train_negatives, self.eval_negatives = train_negatives, eval_negatives
         self.eval_mode, self.k = eval_mode, k
         self.num_workers, self.seed = num_workers, seed
+        self.split_options = {"method": "leave_one_out", **(split or {})}
+        self.filter_options = {
+            "min_user_interactions": 0,
+            "min_item_interactions": 0,
+            **(filter or {}),
+        }
+        self.negative_options = {"sampler": "uniform", "alpha": 0.75, **(negatives or {})}
+        self.length_grouping = length_grouping
+        self.use_cache, self.cache_dir = use_cache, cache_dir
         self._check_lengths()
         self.data: CanonicalData | None = None
         self.split: Split | None = None
+
+    @staticmethod
+    def _check_task(task: str, eval_mode: str) -> None:
+        if task not in TASKS:
+            raise ConfigError("head.task", task, f"one of {list(TASKS)}")
+        if eval_mode not in EVAL_MODES:
+            raise ConfigError("data.eval_mode", eval_mode, f"one of {list(EVAL_MODES)}")
+        if task == "click" and eval_mode != "sampled":
+            raise ConfigError(
+                "data.eval_mode",
+                eval_mode,
+                "`sampled` for head=click (a cross-encoder scores sampled candidates; use "
+                "head=retrieval for full ranking)",
+            )
 
     def _check_lengths(self) -> None:
         need = self.max_history_tokens + self.max_item_tokens + 4
@@ -85,24 +106,39 @@ class RecDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         self.source.prepare()
 
+    # -- setup ------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if self.split is not None:
             return
-        self.data = self.source.load()
+        source = CachedSource(self.source, self.cache_dir) if self.use_cache else self.source
+        self.data = source.load()
+        interactions, self.filtered = k_core(
+            self.data.interactions,
+            self.filter_options["min_user_interactions"],
+            self.filter_options["min_item_interactions"],
+        )
+        if interactions.empty:
+            raise ConfigError(
+                "data.filter",
+                self.filter_options,
+                f"thresholds that leave some of {self.data.name}'s interactions",
+            )
         items = self.data.items.reset_index(drop=True)
         self.item_ids = items["item_id"].to_numpy()
         item_index = pd.Series(np.arange(len(items)), index=items["item_id"])
-        users = pd.Index(self.data.interactions["user_id"].unique())
+        users = pd.Index(interactions["user_id"].unique())
         frame = pd.DataFrame(
             {
-                "user": users.get_indexer(self.data.interactions["user_id"]),
-                "item": item_index.loc[self.data.interactions["item_id"]].to_numpy(),
-                "timestamp": self.data.interactions["timestamp"].to_numpy(),
+                "user": users.get_indexer(interactions["user_id"]),
+                "item": item_index.loc[interactions["item_id"]].to_numpy(),
+                "timestamp": interactions["timestamp"].to_numpy(),
             }
         )
-        self.user_ids = users.to_numpy()
-        self.num_items = len(items)
-        self.split = leave_one_out(frame, len(users))
+        self.user_ids, self.num_items = users.to_numpy(), len(items)
+        options = {k: v for k, v in self.split_options.items() if k != "method"}
+        self.split = make_split(
+            frame, len(users), self.split_options["method"], **{"seed": self.seed, **options}
+        )
         self.cache = TokenCache(
             self.tokenizer,
             render(items, self.item_template, "data.item_template"),
@@ -110,56 +146,123 @@ class RecDataModule(L.LightningDataModule):
             self.max_item_tokens,
         )
         self.item_counts = self.split.counts(self.num_items)
-        self.datasets = {stage: self._dataset(stage) for stage in ("train", "val", "test")}
+        self.sampler = self._sampler(item_index, users)
+        self.datasets = {s: self._dataset(s) for s in ("train", "val", "test")}
         self.items_set = ItemSet(self.num_items, self.cache)
+
+    def _sampler(self, item_index: pd.Series, users: pd.Index) -> NegativeSampler:
+        impressions, shown_with = {}, {}
+        if self.negative_options["sampler"] == "native" and self.data.impressions is not None:
+            impressions, shown_with = _impression_maps(self.data, item_index, users)
+        return NegativeSampler(
+            self.num_items,
+            self.negative_options["sampler"],
+            self.item_counts,
+            self.negative_options["alpha"],
+            impressions,
+            shown_with,
+        )
 
     def _dataset(self, stage: str):
         budget, split = self.max_history_tokens, self.split
         if self.task == "click":
             if stage == "train":
                 return ClickSet.for_training(
-                    split, self.num_items, self.train_negatives, self.seed, self.cache, budget
+                    split, self.sampler, self.train_negatives, self.seed, self.cache, budget
                 )
             return ClickSet.for_eval(
-                split, stage, self.num_items, self.eval_negatives, self.seed, self.cache, budget
+                split, stage, self.sampler, self.eval_negatives, self.seed, self.cache, budget
             )
         if stage == "train":
             return TwoTowerSet(split, self.cache, budget)
-        return RankingSet(split, stage, self.num_items, self.cache, budget)
+        sampler = self.sampler if self.eval_mode == "sampled" else None
+        return RankingSet(
+            split,
+            stage,
+            self.num_items,
+            self.cache,
+            budget,
+            sampler,
+            self.eval_negatives,
+            self.seed,
+        )
 
-    def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    # -- loaders ----------------------------------------------------------------------------
+    def _loader(self, dataset, batch_size: int, sampler=None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             collate_fn=dataset.collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.datasets["train"], self.batch_size, shuffle=True)
+        dataset = self.datasets["train"]
+        # A seeded generator: each epoch draws a new order, the same on every rerun.
+        generator = torch.Generator().manual_seed(self.seed)
+        if self.length_grouping:
+            # Batches of similar length waste less compute on padding; order stays random.
+            sampler = LengthGroupedSampler(
+                self.batch_size, lengths=dataset.lengths(), generator=generator
+            )
+        else:
+            sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
+        return self._loader(dataset, self.batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.datasets["val"], self.eval_batch_size, shuffle=False)
+        return self._loader(self.datasets["val"], self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.datasets["test"], self.eval_batch_size, shuffle=False)
+        return self._loader(self.datasets["test"], self.eval_batch_size)
 
     def item_dataloader(self) -> DataLoader:
-        return self._loader(self.items_set, self.eval_batch_size, shuffle=False)
+        return self._loader(self.items_set, self.eval_batch_size)
 
     def protocol(self) -> dict:
         """How the reported metrics were obtained; written into metrics.json."""
+        sampled = f"sampled-{self.eval_negatives}"
         return {
             "dataset": self.source.name,
-            "split": "leave-one-out by time (last item test, second-to-last validation)",
-            "eval_mode": "full" if self.eval_mode == "full" else f"sampled-{self.eval_negatives}",
+            "split": self.split.description,
+            "split_method": self.split_options["method"],
+            "eval_mode": "full" if self.eval_mode == "full" else sampled,
+            "negatives": {"sampler": self.negative_options["sampler"], **self.sampler.drawn},
             "k": self.k,
-            "exclude_seen": self.task == "retrieval",
+            "exclude_seen": self.task == "retrieval" and self.eval_mode == "full",
             "task": self.task,
             "users": int(len(self.user_ids)),
             "items": int(self.num_items),
-            "interactions": int(len(self.data.interactions)),
+            "interactions": int(
+                sum(map(len, self.split.train))
+                + sum(map(len, self.split.val))
+                + sum(map(len, self.split.test))
+            ),
             "eval_users": {s: len(self.split.eval_users(s)) for s in ("val", "test")},
+            "cold_items": len(self.split.cold_items),
+            "filter": dict(self.filter_options),
+            "dropped": {**self.data.dropped, **self.filtered},
         }
+
+
+def _impression_maps(data: CanonicalData, item_index: pd.Series, users: pd.Index):
+    """impression id -> unclicked items shown; (user, clicked item) -> its impression id."""
+    shown = data.impressions[data.impressions["item_id"].isin(item_index.index)]
+    item = item_index.loc[shown["item_id"]].to_numpy()
+    user = users.get_indexer(shown["user_id"])
+    frame = pd.DataFrame(
+        {
+            "imp": shown["impression_id"].to_numpy(),
+            "user": user,
+            "item": item,
+            "label": shown["label"].to_numpy(),
+        }
+    )
+    frame = frame[frame["user"] >= 0]
+    negatives = frame[frame["label"] == 0].groupby("imp")["item"].agg(list).to_dict()
+    clicks = frame[frame["label"] == 1]
+    shown_with = dict(
+        zip(zip(clicks["user"], clicks["item"], strict=True), clicks["imp"], strict=True)
+    )
+    return negatives, shown_with

@@ -7,43 +7,24 @@ import torch
 from torch.utils.data import Dataset
 
 from recsys_lm.data.batches import ItemBatch, PairBatch, RankingBatch, TwoTowerBatch, pad
+from recsys_lm.data.negatives import NegativeSampler
 from recsys_lm.data.split import Split
 from recsys_lm.data.text import TokenCache
 
-
-def sample_negatives(
-    rng: np.random.Generator, num_items: int, avoid: set[int], n: int
-) -> list[int]:
-    """`n` distinct items drawn uniformly from those not in `avoid`."""
-    available = num_items - len(avoid)
-    if n > available:
-        n = available
-    out: list[int] = []
-    chosen: set[int] = set()
-    while len(out) < n:
-        for item in rng.integers(0, num_items, size=2 * (n - len(out)) + 4).tolist():
-            if item not in avoid and item not in chosen:
-                chosen.add(item)
-                out.append(item)
-                if len(out) == n:
-                    break
-    return out
+STAGE_SEEDS = {"train": 0, "val": 1, "test": 2}
 
 
 class ClickSet(Dataset):
-    """(user, history, candidate, label) rows; negatives sampled once with a fixed seed."""
+    """(user, history, candidate, label) rows; negatives drawn once with a fixed seed."""
 
     def __init__(
-        self,
-        rows: list[tuple[int, list[int], int, float]],
-        cache: TokenCache,
-        max_history_tokens: int,
+        self, rows: list[tuple[int, list[int], int, float]], cache: TokenCache, budget: int
     ) -> None:
-        self.rows, self.cache, self.budget = rows, cache, max_history_tokens
+        self.rows, self.cache, self.budget = rows, cache, budget
 
     @classmethod
     def for_training(
-        cls, split: Split, num_items: int, negatives: int, seed: int, cache, budget: int
+        cls, split: Split, sampler: NegativeSampler, negatives: int, seed: int, cache, budget
     ) -> ClickSet:
         rng = np.random.default_rng(seed)
         rows = []
@@ -51,23 +32,31 @@ class ClickSet(Dataset):
             seen = set(seq)
             for t in range(1, len(seq)):
                 rows.append((user, seq[:t], seq[t], 1.0))
-                for neg in sample_negatives(rng, num_items, seen, negatives):
+                for neg in sampler.sample(rng, user, seq[t], seen, negatives):
                     rows.append((user, seq[:t], neg, 0.0))
         return cls(rows, cache, budget)
 
     @classmethod
     def for_eval(
-        cls, split: Split, stage: str, num_items: int, negatives: int, seed: int, cache, budget: int
+        cls,
+        split: Split,
+        stage: str,
+        sampler: NegativeSampler,
+        negatives: int,
+        seed: int,
+        cache,
+        budget,
     ) -> ClickSet:
-        rng = np.random.default_rng(seed + (1 if stage == "val" else 2))
+        rng = np.random.default_rng(seed + STAGE_SEEDS[stage])
         rows = []
         for user in split.eval_users(stage):
             history = split.history(user, stage)
-            target = split.val[user] if stage == "val" else split.test[user]
-            everything = set(split.history(user, "test")) | {split.test[user]}
-            rows.append((user, history, target, 1.0))
-            for neg in sample_negatives(rng, num_items, everything, negatives):
-                rows.append((user, history, neg, 0.0))
+            # Never sample an item the user interacted with anywhere as a negative.
+            everything = set(split.history(user, "test")) | set(split.test[user])
+            for target in split.targets(user, stage):
+                rows.append((user, history, target, 1.0))
+                for neg in sampler.sample(rng, user, target, everything, negatives):
+                    rows.append((user, history, neg, 0.0))
         return cls(rows, cache, budget)
 
     def __len__(self) -> int:
@@ -76,16 +65,19 @@ class ClickSet(Dataset):
     def __getitem__(self, index: int):
         return self.rows[index]
 
+    def lengths(self) -> list[int]:
+        return [
+            len(self.cache.history(h, self.budget)) + len(self.cache.item_ids[i])
+            for _, h, i, _ in self.rows
+        ]
+
     def collate(self, rows) -> PairBatch:
-        ids, types = zip(
-            *(
-                self.cache.layout.pair(self.cache.history(h, self.budget), self.cache.item_ids[i])
-                for _, h, i, _ in rows
-            ),
-            strict=True,
-        )
-        input_ids, mask = pad(list(ids), self.cache.pad_id)
-        token_types, _ = pad(list(types), 0)
+        pairs = [
+            self.cache.layout.pair(self.cache.history(h, self.budget), self.cache.item_ids[i])
+            for _, h, i, _ in rows
+        ]
+        input_ids, mask = pad([ids for ids, _ in pairs], self.cache.pad_id)
+        token_types, _ = pad([types for _, types in pairs], 0)
         return PairBatch(
             input_ids=input_ids,
             attention_mask=mask,
@@ -119,6 +111,9 @@ class TwoTowerSet(Dataset):
         seq = self.split.train[user]
         return seq[:t], seq[t]
 
+    def lengths(self) -> list[int]:
+        return [len(self.cache.history(self.split.train[u][:t], self.budget)) for u, t in self.rows]
+
     def collate(self, rows) -> TwoTowerBatch:
         layout = self.cache.layout
         users = [layout.single(self.cache.history(h, self.budget))[0] for h, _ in rows]
@@ -131,37 +126,63 @@ class TwoTowerSet(Dataset):
 
 
 class RankingSet(Dataset):
-    """Evaluation users for full ranking: history, held-out target, items to exclude."""
+    """Evaluation users: history, held-out items and, in sampled mode, candidate negatives."""
 
     def __init__(
-        self, split: Split, stage: str, num_items: int, cache: TokenCache, budget: int
+        self,
+        split: Split,
+        stage: str,
+        num_items: int,
+        cache: TokenCache,
+        budget: int,
+        sampler: NegativeSampler | None = None,
+        negatives: int = 0,
+        seed: int = 0,
     ) -> None:
         self.split, self.stage, self.num_items = split, stage, num_items
         self.cache, self.budget = cache, budget
         self.users = split.eval_users(stage)
+        # Sampled mode: a fixed candidate list per user (targets + `negatives` per target).
+        self.candidates: dict[int, list[int]] | None = None
+        if sampler is not None:
+            rng = np.random.default_rng(seed + STAGE_SEEDS[stage])
+            self.candidates = {}
+            for user in self.users:
+                everything = set(split.history(user, "test")) | set(split.test[user])
+                targets = split.targets(user, stage)
+                negs = [
+                    n for t in targets for n in sampler.sample(rng, user, t, everything, negatives)
+                ]
+                self.candidates[user] = targets + negs
 
     def __len__(self) -> int:
         return len(self.users)
 
     def __getitem__(self, index: int):
         user = self.users[index]
-        target = self.split.val[user] if self.stage == "val" else self.split.test[user]
-        return user, self.split.history(user, self.stage), target
+        return user, self.split.history(user, self.stage), self.split.targets(user, self.stage)
+
+    def masks(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """(relevant, exclude) boolean matrices [B, n_items] for these rows."""
+        relevant = torch.zeros((len(rows), self.num_items), dtype=torch.bool)
+        exclude = torch.zeros((len(rows), self.num_items), dtype=torch.bool)
+        for row, (user, history, targets) in enumerate(rows):
+            relevant[row, targets] = True
+            if self.candidates is None:
+                exclude[row, history] = True
+            else:
+                exclude[row] = True
+                exclude[row, self.candidates[user]] = False
+        return relevant, exclude
 
     def collate(self, rows) -> RankingBatch:
         users = [
             self.cache.layout.single(self.cache.history(h, self.budget))[0] for _, h, _ in rows
         ]
         user_ids, user_mask = pad(users, self.cache.pad_id)
-        exclude = torch.zeros((len(rows), self.num_items), dtype=torch.bool)
-        for row, (_, history, _) in enumerate(rows):
-            exclude[row, history] = True
+        relevant, exclude = self.masks(rows)
         return RankingBatch(
-            user_ids,
-            user_mask,
-            torch.tensor([r[2] for r in rows]),
-            exclude,
-            torch.tensor([r[0] for r in rows]),
+            user_ids, user_mask, relevant, exclude, torch.tensor([r[0] for r in rows])
         )
 
 

@@ -1,48 +1,161 @@
-"""Leave-one-out by time: each user's last item is test, the one before it validation."""
+"""Splitting interactions into train / validation / test, chosen by `data.split.method`.
+
+Every split returns per-user item sequences in time order. Held-out items are lists, so one
+user may have several (temporal and random splits) or exactly one (leave-one-out).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
+from recsys_lm.errors import ConfigError
+
 
 @dataclass
 class Split:
-    """Per-user item sequences in time order (indices into the item table)."""
+    """Per-user item sequences (indices into the item table), each in time order."""
 
-    train: list[list[int]]  # train[u]: items before the validation item
-    val: list[int]  # held-out item, -1 where the user has too few interactions
-    test: list[int]
+    train: list[list[int]]
+    val: list[list[int]]
+    test: list[list[int]]
+    description: str = ""
+    # Items that never occur in training (cold-start split): ID-only models cannot score them.
+    cold_items: set[int] = field(default_factory=set)
+
+    def targets(self, user: int, stage: str) -> list[int]:
+        return self.val[user] if stage == "val" else self.test[user]
 
     def eval_users(self, stage: str) -> list[int]:
-        held = self.val if stage == "val" else self.test
-        return [u for u, item in enumerate(held) if item >= 0 and self.train[u]]
+        """Users with something held out and some history to read."""
+        return [
+            u for u in range(len(self.train)) if self.targets(u, stage) and self.history(u, stage)
+        ]
 
     def history(self, user: int, stage: str) -> list[int]:
-        """What the model may see when predicting `stage`: test also sees the validation item."""
+        """What the model may see when predicting `stage`: test also sees validation items."""
         if stage == "test":
-            return self.train[user] + [self.val[user]]
+            return self.train[user] + self.val[user]
         return list(self.train[user])
 
     def counts(self, num_items: int) -> np.ndarray:
-        return np.bincount(
-            np.concatenate([np.asarray(s, dtype=np.int64) for s in self.train] or [[]]),
-            minlength=num_items,
-        )
+        flat = [i for seq in self.train for i in seq]
+        return np.bincount(np.asarray(flat, dtype=np.int64), minlength=num_items)
 
 
-def leave_one_out(interactions: pd.DataFrame, num_users: int, min_interactions: int = 3) -> Split:
-    """`interactions` has integer `user`, `item`, `timestamp`; ties keep file order."""
-    ordered = interactions.sort_values(["user", "timestamp"], kind="stable")
-    train: list[list[int]] = [[] for _ in range(num_users)]
-    val = [-1] * num_users
-    test = [-1] * num_users
-    for user, items in ordered.groupby("user", sort=False)["item"]:
-        seq = items.tolist()
-        if len(seq) < min_interactions:
-            train[user] = seq  # too short to hold anything out: training only
-            continue
-        train[user], val[user], test[user] = seq[:-2], seq[-2], seq[-1]
-    return Split(train, val, test)
+def _sequences(frame: pd.DataFrame, num_users: int, mask: np.ndarray) -> list[list[int]]:
+    out: list[list[int]] = [[] for _ in range(num_users)]
+    for user, items in frame[mask].groupby("user", sort=False)["item"]:
+        out[user] = items.tolist()
+    return out
+
+
+def _ordered(frame: pd.DataFrame) -> pd.DataFrame:
+    # Ties in time keep file order, so the split is reproducible.
+    return frame.sort_values(["user", "timestamp"], kind="stable").reset_index(drop=True)
+
+
+def leave_one_out(frame: pd.DataFrame, num_users: int, min_interactions: int = 3, **_) -> Split:
+    """Each user's last item is test, the one before it validation (by time)."""
+    frame = _ordered(frame)
+    position = frame.groupby("user").cumcount(ascending=False).to_numpy()
+    length = frame.groupby("user")["item"].transform("size").to_numpy()
+    enough = length >= min_interactions  # shorter users only train
+    test = enough & (position == 0)
+    val = enough & (position == 1)
+    return Split(
+        _sequences(frame, num_users, ~(test | val)),
+        _sequences(frame, num_users, val),
+        _sequences(frame, num_users, test),
+        "leave-one-out by time (last item test, second-to-last validation)",
+    )
+
+
+def temporal(
+    frame: pd.DataFrame, num_users: int, val_ratio: float = 0.1, test_ratio: float = 0.1, **_
+) -> Split:
+    """One global cut in time: the latest `test_ratio` of interactions are test, the
+    `val_ratio` before them validation; no training example comes from the future."""
+    frame = _ordered(frame)
+    times = frame["timestamp"].to_numpy()
+    t_val, t_test = np.quantile(times, [1 - val_ratio - test_ratio, 1 - test_ratio])
+    test = times >= t_test
+    val = (times >= t_val) & ~test
+    return Split(
+        _sequences(frame, num_users, ~(test | val)),
+        _sequences(frame, num_users, val),
+        _sequences(frame, num_users, test),
+        f"global temporal cut (val {val_ratio:.0%}, test {test_ratio:.0%} most recent)",
+    )
+
+
+def random_ratio(
+    frame: pd.DataFrame,
+    num_users: int,
+    val_ratio: float = 0.1,
+    test_ratio: float = 0.1,
+    seed: int = 0,
+    **_,
+) -> Split:
+    """Interactions assigned at random (ignores time: optimistic, but the classic protocol)."""
+    frame = _ordered(frame)
+    draw = np.random.default_rng(seed).random(len(frame))
+    test = draw < test_ratio
+    val = (draw >= test_ratio) & (draw < test_ratio + val_ratio)
+    return Split(
+        _sequences(frame, num_users, ~(test | val)),
+        _sequences(frame, num_users, val),
+        _sequences(frame, num_users, test),
+        f"random (val {val_ratio:.0%}, test {test_ratio:.0%} of interactions, seed {seed})",
+    )
+
+
+def cold_start(
+    frame: pd.DataFrame,
+    num_users: int,
+    val_ratio: float = 0.1,
+    test_ratio: float = 0.1,
+    seed: int = 0,
+    **_,
+) -> Split:
+    """A random share of items is held out entirely: their interactions are validation or
+    test, and training never sees them, so only content (text) can score them."""
+    frame = _ordered(frame)
+    items = np.unique(frame["item"].to_numpy())
+    shuffled = np.random.default_rng(seed).permutation(items)
+    n_test = max(1, int(round(test_ratio * len(items))))
+    n_val = max(1, int(round(val_ratio * len(items))))
+    test_items = set(shuffled[:n_test].tolist())
+    val_items = set(shuffled[n_test : n_test + n_val].tolist())
+    test = frame["item"].isin(test_items).to_numpy()
+    val = frame["item"].isin(val_items).to_numpy()
+    return Split(
+        _sequences(frame, num_users, ~(test | val)),
+        _sequences(frame, num_users, val),
+        _sequences(frame, num_users, test),
+        f"cold-start items (val {val_ratio:.0%}, test {test_ratio:.0%} of items unseen in "
+        f"training, seed {seed})",
+        cold_items=test_items | val_items,
+    )
+
+
+SPLITS: dict[str, Callable[..., Split]] = {
+    "leave_one_out": leave_one_out,
+    "temporal": temporal,
+    "random": random_ratio,
+    "cold_start": cold_start,
+}
+
+
+def make_split(frame: pd.DataFrame, num_users: int, method: str, **options) -> Split:
+    """`frame` has integer `user`, `item`, `timestamp` columns."""
+    if method not in SPLITS:
+        raise ConfigError("data.split.method", method, f"one of {list(SPLITS)}")
+    for key in ("val_ratio", "test_ratio"):
+        value = options.get(key, 0.1)
+        if not 0 < value < 1:
+            raise ConfigError(f"data.split.{key}", value, "a fraction between 0 and 1")
+    return SPLITS[method](frame, num_users, **options)

@@ -34,11 +34,12 @@ def test_retrieval_batches_exclude_history_and_keep_target(tokenizer):
     dm = make(tokenizer, "retrieval")
     batch = next(iter(dm.test_dataloader()))
     assert isinstance(batch, RankingBatch)
-    assert batch.exclude.shape == (len(batch.target), 50)
+    assert batch.exclude.shape == batch.relevant.shape == (len(batch.user_index), 50)
     for row, user in enumerate(batch.user_index.tolist()):
         history = dm.split.history(user, "test")
         assert batch.exclude[row, history].all()
         assert batch.exclude[row].sum() == len(set(history))
+        assert batch.relevant[row].nonzero().flatten().tolist() == dm.split.test[user]
     train = next(iter(dm.train_dataloader()))
     assert isinstance(train, TwoTowerBatch) and train.user_ids.shape[0] == 4
     assert dm.protocol()["eval_mode"] == "full"
@@ -52,7 +53,7 @@ def test_click_eval_has_one_positive_and_n_negatives_per_user(tokenizer):
     for user in users[:5]:
         mine = [r for r in rows if r[0] == user]
         assert sum(r[3] for r in mine) == 1
-        seen = set(dm.split.history(user, "test")) | {dm.split.test[user]}
+        seen = set(dm.split.history(user, "test")) | set(dm.split.test[user])
         assert all(r[2] not in seen for r in mine if r[3] == 0)
     batch = next(iter(dm.train_dataloader()))
     assert isinstance(batch, PairBatch)

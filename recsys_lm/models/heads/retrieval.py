@@ -81,4 +81,4 @@ class RetrievalHead(nn.Module):
         return self.encode(backbone, batch.user_ids, batch.user_mask) @ self._catalogue.T
 
     def evaluate(self, backbone: Backbone, batch: RankingBatch, metrics: RankingMetrics) -> None:
-        metrics.update(self.score_catalogue(backbone, batch), batch.target, batch.exclude)
+        metrics.update(self.score_catalogue(backbone, batch), batch.relevant, batch.exclude)

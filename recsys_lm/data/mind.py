@@ -1,0 +1,470 @@
+"""MIND (Microsoft News Dataset): `news.tsv` articles and `behaviors.tsv` impression logs.
+
+Each split folder (`MINDsmall_train`, `MINDsmall_dev`, ...) holds both files in the official
+format: UTF-8, TAB-separated, no header.
+
+- news.tsv (8 columns): news_id, category, subcategory, title, abstract, url,
+  title_entities, abstract_entities.
+- behaviors.tsv (5 columns): impression_id, user_id, time ("M/D/YYYY h:mm:ss AM/PM"),
+  history (space-separated news ids clicked before the log period; may be empty),
+  impressions (space-separated "<news_id>-<label>": 1 clicked, 0 shown and not clicked).
+
+Canonical form:
+
+- items: item_id, title, abstract, category, subcategory; one row per news id.
+- interactions: the history clicks plus the clicked impression candidates (label 1).
+- impressions: every kept candidate (impression_id, user_id, item_id, timestamp, label, split).
+- dropped: what `missing_text="drop"` removed, by reason (see `MIND.load`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from recsys_lm.data.canonical import CanonicalData
+from recsys_lm.data.download import download, unzip
+from recsys_lm.data.movielens import resolve_root
+from recsys_lm.errors import ConfigError, DataError
+
+MIND_URL = "https://mind201910small.blob.core.windows.net/release/{split}.zip"
+# Only these can be downloaded; `test` exists for MINDlarge but has no labels (see below).
+OFFICIAL_SPLIT = re.compile(r"MIND(small|large)_(train|dev)")
+NEWS_COLUMNS = (
+    "news_id",
+    "category",
+    "subcategory",
+    "title",
+    "abstract",
+    "url",
+    "title_entities",
+    "abstract_entities",
+)
+BEHAVIOR_COLUMNS = ("impression_id", "user_id", "time", "history", "impressions")
+ITEM_COLUMNS = ("title", "abstract", "category", "subcategory")
+REQUIRED = ("news.tsv", "behaviors.tsv")
+TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"
+TIME_SHOWN = "M/D/YYYY h:mm:ss AM/PM (e.g. 11/12/2019 2:14:46 PM)"
+# Tokens come from a whitespace split, so `.+` is a non-empty id without spaces. (`\S` would
+# make pandas fall back from pyarrow to Python's re: 5x slower.)
+CANDIDATE = r".+-[01]"
+POLICIES = ("drop", "keep")
+# Impression ids restart at 1 in every split: the k-th split's ids are shifted by k * 10**9
+# (MIND ids are < 10**7), so the first split keeps its raw ids and all stay unique int64.
+SPLIT_OFFSET = 10**9
+
+
+@dataclass
+class MIND:
+    """Reads `<root>/<folder>/<split>/{news,behaviors}.tsv` for each split; can download them.
+
+    missing_text: what to do with news ids that behaviors.tsv references but news.tsv has no
+    row for (the sample in mind-small-sample has text for only 838 of 22,592 ids).
+    - "drop": drop those history clicks, impression candidates and items; `dropped` counts
+      each (see `load`).
+    - "keep": keep them as placeholder items with an empty title, category and subcategory
+      and the abstract "news <id> (no text)". The model then sees NO content for them: a
+      template such as "{title}. {category}, {subcategory}." renders as ". , .", identical
+      for every such item, so they can only be told apart by their popularity.
+    """
+
+    root: str | None = None
+    folder: str = "mind-small-sample"
+    splits: list[str] = field(default_factory=lambda: ["MINDsmall_train"])
+    download: bool = False  # fetch <split>.zip from the official release when files are absent
+    cache_dir: str = "~/.cache/recsys_lm"
+    missing_text: str = "drop"  # drop | keep: news ids without a news.tsv row
+
+    @property
+    def name(self) -> str:
+        return f"{self.folder}:{'+'.join(self._splits())}"
+
+    @property
+    def path(self) -> Path:
+        if self.download and not self.root and not os.environ.get("RECSYS_LM_DATA_ROOT"):
+            return Path(self.cache_dir).expanduser() / self.folder
+        return resolve_root(self.root) / self.folder
+
+    def prepare(self) -> None:
+        """Download and unzip each absent split into `<path>/<split>/` (no checksum exists)."""
+        if not self.download:
+            return
+        path, cache = self.path, Path(self.cache_dir).expanduser()
+        for split in self._splits():
+            if all((path / split / f).exists() for f in REQUIRED):
+                continue
+            if not OFFICIAL_SPLIT.fullmatch(split):
+                raise ConfigError(
+                    "data.source.splits",
+                    split,
+                    "an official split to download: MINDsmall_train, MINDsmall_dev, "
+                    "MINDlarge_train or MINDlarge_dev",
+                )
+            # Microsoft publishes no checksum: download() warns that nothing was verified.
+            archive = download(MIND_URL.format(split=split), cache / f"{split}.zip", None)
+            try:
+                unzip(archive, path / split)
+            except zipfile.BadZipFile as err:
+                raise DataError(f"{archive}: not a valid zip ({err}); delete it and retry") from err
+
+    def raw_files(self) -> list[Path]:
+        """Every file `load` reads, in order (what a cache of the canonical form keys on)."""
+        return [self.path / s / f for s in self._splits() for f in REQUIRED]
+
+    def load(self) -> CanonicalData:
+        """Parse every split, then apply `missing_text`.
+
+        With "drop", `dropped` holds: "history click without text", "impression candidate
+        without text", "impression click without text" (the clicked subset of the previous
+        one, i.e. the clicks missing from `interactions`), "news id without text" (distinct
+        ids never turned into items), "impression without any candidate text" and "user
+        without any text" (left with no interaction and no impression row).
+        """
+        policy = self._policy()
+        splits, path = self._splits(), self.path
+        self._check_files(path, splits)
+        news = pd.concat([read_news(path / s / "news.tsv") for s in splits], ignore_index=True)
+        # Splits share most articles (train and dev news.tsv overlap): the first row wins.
+        news = news.drop_duplicates("item_id", ignore_index=True)
+        parsed = [
+            read_behaviors(path / s / "behaviors.tsv", s, k * SPLIT_OFFSET)
+            for k, s in enumerate(splits)
+        ]
+        candidates = pd.concat([c for c, _ in parsed], ignore_index=True)
+        first_seen = candidates.groupby("user_id")["timestamp"].min()
+        history = history_clicks(pd.concat([h for _, h in parsed], ignore_index=True), first_seen)
+        if policy == "keep":
+            items = pd.concat(
+                [news, placeholder_items(news, history, candidates)], ignore_index=True
+            )
+            return self._canonical(items, history, candidates, {})
+        return self._canonical(news, *drop_without_text(news, history, candidates))
+
+    def _canonical(
+        self,
+        items: pd.DataFrame,
+        history: pd.DataFrame,
+        candidates: pd.DataFrame,
+        dropped: dict[str, int],
+    ) -> CanonicalData:
+        interactions = interactions_from(history, candidates)
+        if interactions.empty:
+            hint = (
+                f" after dropping {dropped}; try data.source.missing_text=keep" if dropped else ""
+            )
+            raise DataError(
+                f"{self.path}: no history click and no clicked candidate left{hint}; expected "
+                f"behaviors.tsv to hold clicks on news ids that have a row in news.tsv"
+            )
+        users = pd.DataFrame(
+            {"user_id": pd.concat([interactions["user_id"], candidates["user_id"]]).unique()}
+        )
+        return CanonicalData(
+            self.name,
+            python_ids(items),
+            python_ids(interactions),
+            users=python_ids(users),
+            impressions=python_ids(candidates.reset_index(drop=True)),
+            dropped=dropped,
+        )
+
+    def _splits(self) -> list[str]:
+        splits = [self.splits] if isinstance(self.splits, str) else list(self.splits)
+        if not splits or not all(isinstance(s, str) and s for s in splits):
+            raise ConfigError(
+                "data.source.splits", self.splits, "a non-empty list of split folder names"
+            )
+        return splits
+
+    def _policy(self) -> str:
+        if self.missing_text not in POLICIES:
+            raise ConfigError("data.source.missing_text", self.missing_text, "'drop' or 'keep'")
+        return self.missing_text
+
+    @staticmethod
+    def _check_files(path: Path, splits: list[str]) -> None:
+        missing = [f"{s}/{f}" for s in splits for f in REQUIRED if not (path / s / f).exists()]
+        if missing:
+            raise DataError(
+                f"{path}: missing {missing}; expected the unzipped MIND split folders "
+                f"(or data.source.download=true where a network exists)"
+            )
+
+
+# --- reading and validating the two files -------------------------------------------------
+
+
+def read_tsv(file: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+    """All columns as strings, one row per line; errors name the file and the line."""
+    raw = file.read_bytes()
+    if not raw.strip():
+        raise DataError(
+            f"{file}: file is empty; expected lines of {len(columns)} tab-separated columns "
+            f"({', '.join(columns)})"
+        )
+    check_utf8(file, raw)
+    check_columns(file, raw, columns)
+    try:
+        # QUOTE_NONE: titles contain bare quotes. lineterminator="\n" and keeping blank lines
+        # make row i exactly line i + 1 (as counted by check_columns), for error messages.
+        return pd.read_csv(
+            io.BytesIO(raw),
+            sep="\t",
+            header=None,
+            names=list(columns),
+            quoting=csv.QUOTE_NONE,
+            dtype=str,
+            keep_default_na=False,
+            skip_blank_lines=False,
+            lineterminator="\n",
+            encoding="utf-8",
+        )
+    except pd.errors.ParserError as err:
+        raise DataError(f"{file}: {err}") from err
+
+
+def check_utf8(file: Path, raw: bytes) -> None:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(
+            f"{file}: line {line}: byte {raw[err.start]:#04x} is not valid UTF-8; "
+            f"expected a UTF-8 text file as MIND publishes it"
+        ) from err
+
+
+def check_columns(file: Path, raw: bytes, columns: tuple[str, ...]) -> None:
+    """Count tabs per line on the bytes: pandas pads short rows silently, so it cannot."""
+    buf = np.frombuffer(raw, dtype=np.uint8)
+    ends = np.flatnonzero(buf == ord("\n"))
+    if not raw.endswith(b"\n"):
+        ends = np.append(ends, len(raw))
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    tabs = np.flatnonzero(buf == ord("\t"))
+    counts = np.searchsorted(tabs, ends) - np.searchsorted(tabs, starts) + 1
+    bad = np.flatnonzero(counts != len(columns))
+    if bad.size:
+        raise DataError(
+            f"{file}: line {bad[0] + 1}: expected {len(columns)} tab-separated columns "
+            f"({', '.join(columns)}), found {counts[bad[0]]} ({bad.size} such line(s))"
+        )
+
+
+def read_news(file: Path) -> pd.DataFrame:
+    news = read_tsv(file, NEWS_COLUMNS)
+    repeated = news["news_id"].duplicated(keep="first")
+    if repeated.any():
+        row = first_row(repeated)
+        raise DataError(f"{file}: line {row + 1}: news id {news['news_id'][row]!r} repeated")
+    return news[["news_id", *ITEM_COLUMNS]].rename(columns={"news_id": "item_id"})
+
+
+def read_behaviors(file: Path, split: str, offset: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one row per impression candidate, one row per history entry) of one behaviors.tsv."""
+    logs = read_tsv(file, BEHAVIOR_COLUMNS)
+    base = pd.DataFrame(
+        {
+            "impression_id": impression_ids(file, logs["impression_id"]) + offset,
+            "user_id": logs["user_id"],
+            "timestamp": parse_times(file, logs["time"]),
+        }
+    )
+    candidates = parse_candidates(file, logs["impressions"], base, split)
+    return candidates, parse_history(logs["history"], base)
+
+
+def impression_ids(file: Path, column: pd.Series) -> np.ndarray:
+    numeric = column.str.fullmatch(r"\d+")
+    if not numeric.all():
+        row = first_row(~numeric)
+        raise DataError(
+            f"{file}: line {row + 1}: impression_id {column[row]!r}; expected an integer"
+        )
+    ids = column.astype("int64")
+    if ids.duplicated().any():
+        row = first_row(ids.duplicated())
+        raise DataError(f"{file}: line {row + 1}: impression_id {ids[row]} repeated")
+    return ids.to_numpy()
+
+
+def parse_times(file: Path, column: pd.Series) -> np.ndarray:
+    """Unix seconds. MIND times carry no zone; read as UTC (only their order matters)."""
+    times = pd.to_datetime(column, format=TIME_FORMAT, errors="coerce")
+    if times.isna().any():
+        row = first_row(times.isna())
+        raise DataError(
+            f"{file}: line {row + 1}: time {column[row]!r}; expected the format {TIME_SHOWN}"
+        )
+    # The datetime unit varies with pandas (ns, us): cast to seconds explicitly.
+    return times.to_numpy().astype("datetime64[s]").astype("int64")
+
+
+def parse_candidates(file: Path, column: pd.Series, base: pd.DataFrame, split: str) -> pd.DataFrame:
+    rows, tokens = split_tokens(column)
+    empty = np.bincount(rows, minlength=len(column)) == 0
+    if empty.any():
+        raise DataError(
+            f"{file}: line {np.flatnonzero(empty)[0] + 1}: no impression candidates; expected "
+            f"space-separated <news_id>-<0|1>"
+        )
+    well_formed = tokens.str.fullmatch(CANDIDATE)
+    if not well_formed.all():
+        i = first_row(~well_formed)
+        raise DataError(
+            f"{file}: line {rows[i] + 1}: impression candidate {tokens[i]!r}; expected "
+            f"<news_id>-<0|1> (unlabelled logs such as MINDlarge_test are not supported)"
+        )
+    frame = base.iloc[rows].reset_index(drop=True)
+    frame["item_id"] = tokens.str[:-2]
+    frame["label"] = tokens.str.endswith("1").astype("int64")
+    frame["split"] = split
+    return frame
+
+
+def parse_history(column: pd.Series, base: pd.DataFrame) -> pd.DataFrame:
+    rows, ids = split_tokens(column)  # an empty history has no row
+    frame = base.iloc[rows].reset_index(drop=True)
+    frame["item_id"] = ids
+    # rows is sorted: position = index - index of the row's first token.
+    frame["position"] = np.arange(len(rows)) - np.searchsorted(rows, rows)
+    return frame
+
+
+def split_tokens(column: pd.Series) -> tuple[np.ndarray, pd.Series]:
+    """Whitespace-separated tokens: (0-based row of each token, the tokens).
+
+    pyarrow splits and flattens in C; `str.split().explode()` builds a Python list per row
+    and is several times slower on the 190k candidates of the sample. pyarrow yields "" for
+    an empty field and for leading/trailing blanks (the CR of a CRLF line): no tokens.
+    """
+    lists = pc.ascii_split_whitespace(pa.array(column))
+    rows = pc.list_parent_indices(lists)
+    tokens = pc.list_flatten(lists)
+    real = pc.not_equal(tokens, "")
+    return (
+        pc.filter(rows, real).to_numpy(),
+        pd.Series(pd.array(pc.filter(tokens, real), dtype="str")),
+    )
+
+
+def first_row(mask: pd.Series) -> int:
+    return int(np.flatnonzero(mask.to_numpy())[0])
+
+
+# --- canonical form ------------------------------------------------------------------------
+
+
+def history_clicks(raw: pd.DataFrame, first_seen: pd.Series) -> pd.DataFrame:
+    """One row per distinct history click, timed just before the user's first impression.
+
+    MIND history clicks have no time: they happened before the logged week. Each is given
+    `first_impression - n + rank` (rank 0..n-1 in history order), so they keep the order of
+    the list and are all strictly earlier than every impression of the user: a split by time
+    then never holds a history click out after a logged click.
+
+    A user's history is repeated on each of their impressions; a click is identified by
+    (user, news id, k-th occurrence within one history) and counted once. A news id that
+    appears twice within one history is two clicks and stays twice.
+    """
+    ordered = raw.sort_values(["timestamp", "impression_id", "position"], kind="stable")
+    occurrence = ordered.groupby(["impression_id", "item_id"], sort=False).cumcount()
+    unique = ordered.assign(occurrence=occurrence).drop_duplicates(
+        ["user_id", "item_id", "occurrence"]
+    )
+    by_user = unique.groupby("user_id", sort=False)
+    rank = by_user.cumcount().to_numpy()
+    size = by_user["item_id"].transform("size").to_numpy()
+    start = first_seen.reindex(unique["user_id"]).to_numpy()  # reindex: 4x faster than map
+    return pd.DataFrame(
+        {
+            "user_id": unique["user_id"].array,  # .array: no round trip through Python str
+            "item_id": unique["item_id"].array,
+            "timestamp": (start - size + rank).astype("int64"),
+        }
+    )
+
+
+def placeholder_items(
+    news: pd.DataFrame, history: pd.DataFrame, candidates: pd.DataFrame
+) -> pd.DataFrame:
+    """Items for referenced ids without a news row ("keep"): no content, see `MIND`."""
+    referenced = pd.Index(pd.concat([history["item_id"], candidates["item_id"]]).unique())
+    ids = pd.Series(referenced.difference(pd.Index(news["item_id"])), dtype="str")
+    blank = [""] * len(ids)
+    return pd.DataFrame(
+        {
+            "item_id": ids,
+            "title": blank,
+            "abstract": "news " + ids + " (no text)",
+            "category": blank,
+            "subcategory": blank,
+        }
+    )
+
+
+def drop_without_text(
+    news: pd.DataFrame, history: pd.DataFrame, candidates: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
+    """("drop") Keep the rows whose news id has text; count what went, by reason."""
+    keep_history = has_text(history["item_id"], news)
+    keep_candidate = has_text(candidates["item_id"], news)
+    kept_history, kept_candidates = history[keep_history], candidates[keep_candidate]
+    referenced = pd.concat([history["item_id"], candidates["item_id"]]).unique()
+    users = pd.concat([kept_history["user_id"], kept_candidates["user_id"]]).nunique()
+    dropped = {
+        "history click without text": int((~keep_history).sum()),
+        "impression candidate without text": int((~keep_candidate).sum()),
+        "impression click without text": int((~keep_candidate & (candidates["label"] == 1)).sum()),
+        "news id without text": int((~has_text(pd.Series(referenced), news)).sum()),
+        "impression without any candidate text": candidates["impression_id"].nunique()
+        - kept_candidates["impression_id"].nunique(),
+        "user without any text": candidates["user_id"].nunique() - users,
+    }
+    return kept_history, kept_candidates, dropped
+
+
+def has_text(ids: pd.Series, news: pd.DataFrame) -> np.ndarray:
+    """Whether each id has a news.tsv row (pyarrow's is_in: 4x faster than Series.isin)."""
+    found = pc.is_in(pa.array(ids), value_set=pa.array(news["item_id"]))
+    return found.to_numpy(zero_copy_only=False)
+
+
+def python_ids(frame: pd.DataFrame) -> pd.DataFrame:
+    """Id columns as Python strings (object dtype) rather than pandas 3's pyarrow strings.
+
+    `Series.isin` on pyarrow strings loops over the lookup values in Python: the item check
+    in CanonicalData.validate takes 0.2 s on the sample with "keep" (23,754 items), against
+    0.02 s with object ids.
+    """
+    ids = [c for c in ("user_id", "item_id") if c in frame.columns]
+    return frame.astype(dict.fromkeys(ids, object))
+
+
+def interactions_from(history: pd.DataFrame, candidates: pd.DataFrame) -> pd.DataFrame:
+    """History clicks (no impression) and clicked candidates, per user in time order."""
+    clicks = candidates[candidates["label"] == 1]
+    n = len(history)
+    no_impression = pd.arrays.IntegerArray(np.zeros(n, "int64"), mask=np.ones(n, bool))
+    frame = pd.concat(
+        [
+            history.assign(label=1, impression_id=no_impression),
+            clicks[["user_id", "item_id", "timestamp", "label", "impression_id"]].astype(
+                {"impression_id": "Int64"}
+            ),
+        ],
+        ignore_index=True,
+    )
+    frame["label"] = frame["label"].astype("int64")
+    # Stable: clicks of one impression share a time and keep their order in the list.
+    return frame.sort_values(["user_id", "timestamp"], kind="stable", ignore_index=True)
