@@ -49,17 +49,30 @@ def config(tmp_path):
     return lambda overrides=None, **kw: make_config(tmp_path, overrides, **kw)
 
 
-def data_root() -> Path | None:
-    root = os.environ.get("RECSYS_LM_DATA_ROOT") or str(ROOT.parent / "shared" / "data")
-    return Path(root) if Path(root, "movielens-100k", "u.data").exists() else None
+def require_dataset(marker: str, what: str) -> Path:
+    """The datasets root holding `marker` (a path below it), or skip the test saying why."""
+    root = Path(os.environ.get("RECSYS_LM_DATA_ROOT") or ROOT.parent / "shared" / "data")
+    if not (root / marker).exists():
+        folder = marker.split("/")[0]
+        pytest.skip(
+            f"{what} not found: set RECSYS_LM_DATA_ROOT to the folder that holds {folder}/ "
+            f"(e.g. ../shared/data)"
+        )
+    return root
 
 
 @pytest.fixture
 def ml100k_root() -> Path:
-    root = data_root()
-    if root is None:
-        pytest.skip(
-            "MovieLens-100K not found: set RECSYS_LM_DATA_ROOT to the folder that "
-            "holds movielens-100k/ (e.g. ../shared/data)"
-        )
-    return root
+    return require_dataset("movielens-100k/u.data", "MovieLens-100K")
+
+
+@pytest.fixture
+def amazon2018_root() -> Path:
+    return require_dataset(
+        "amazon2018-magazine-subscriptions/SOURCE.md", "Amazon 2018 Magazine_Subscriptions"
+    )
+
+
+@pytest.fixture
+def mind_root() -> Path:
+    return require_dataset("mind-small-sample/MINDsmall_train/behaviors.tsv", "MIND sample")

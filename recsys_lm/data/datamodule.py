@@ -144,6 +144,7 @@ class RecDataModule(L.LightningDataModule):
             render(items, self.item_template, "data.item_template"),
             render(items, self.history_template, "data.history_template"),
             self.max_item_tokens,
+            cache_dir=self.cache_dir if self.use_cache else None,
         )
         self.item_counts = self.split.counts(self.num_items)
         self.sampler = self._sampler(item_index, users)

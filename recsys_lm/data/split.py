@@ -53,6 +53,24 @@ def _sequences(frame: pd.DataFrame, num_users: int, mask: np.ndarray) -> list[li
     return out
 
 
+def _from_masks(
+    frame: pd.DataFrame,
+    num_users: int,
+    val: np.ndarray,
+    test: np.ndarray,
+    description: str,
+    **extra,
+) -> Split:
+    """Rows flagged val or test are held out; every other row trains."""
+    return Split(
+        _sequences(frame, num_users, ~(test | val)),
+        _sequences(frame, num_users, val),
+        _sequences(frame, num_users, test),
+        description,
+        **extra,
+    )
+
+
 def _ordered(frame: pd.DataFrame) -> pd.DataFrame:
     # Ties in time keep file order, so the split is reproducible.
     return frame.sort_values(["user", "timestamp"], kind="stable").reset_index(drop=True)
@@ -66,10 +84,11 @@ def leave_one_out(frame: pd.DataFrame, num_users: int, min_interactions: int = 3
     enough = length >= min_interactions  # shorter users only train
     test = enough & (position == 0)
     val = enough & (position == 1)
-    return Split(
-        _sequences(frame, num_users, ~(test | val)),
-        _sequences(frame, num_users, val),
-        _sequences(frame, num_users, test),
+    return _from_masks(
+        frame,
+        num_users,
+        val,
+        test,
         "leave-one-out by time (last item test, second-to-last validation)",
     )
 
@@ -84,10 +103,11 @@ def temporal(
     t_val, t_test = np.quantile(times, [1 - val_ratio - test_ratio, 1 - test_ratio])
     test = times >= t_test
     val = (times >= t_val) & ~test
-    return Split(
-        _sequences(frame, num_users, ~(test | val)),
-        _sequences(frame, num_users, val),
-        _sequences(frame, num_users, test),
+    return _from_masks(
+        frame,
+        num_users,
+        val,
+        test,
         f"global temporal cut (val {val_ratio:.0%}, test {test_ratio:.0%} most recent)",
     )
 
@@ -105,10 +125,11 @@ def random_ratio(
     draw = np.random.default_rng(seed).random(len(frame))
     test = draw < test_ratio
     val = (draw >= test_ratio) & (draw < test_ratio + val_ratio)
-    return Split(
-        _sequences(frame, num_users, ~(test | val)),
-        _sequences(frame, num_users, val),
-        _sequences(frame, num_users, test),
+    return _from_masks(
+        frame,
+        num_users,
+        val,
+        test,
         f"random (val {val_ratio:.0%}, test {test_ratio:.0%} of interactions, seed {seed})",
     )
 
@@ -132,10 +153,11 @@ def cold_start(
     val_items = set(shuffled[n_test : n_test + n_val].tolist())
     test = frame["item"].isin(test_items).to_numpy()
     val = frame["item"].isin(val_items).to_numpy()
-    return Split(
-        _sequences(frame, num_users, ~(test | val)),
-        _sequences(frame, num_users, val),
-        _sequences(frame, num_users, test),
+    return _from_masks(
+        frame,
+        num_users,
+        val,
+        test,
         f"cold-start items (val {val_ratio:.0%}, test {test_ratio:.0%} of items unseen in "
         f"training, seed {seed})",
         cold_items=test_items | val_items,

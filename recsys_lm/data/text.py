@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import string
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
+import torch
 
 from recsys_lm.errors import ConfigError
 
@@ -70,6 +73,16 @@ class TokenLayout:
         return len(self.pair_prefix) + len(self.pair_middle) + len(self.pair_suffix)
 
 
+def _token_key(tokenizer, item_texts, history_texts, max_item_tokens: int) -> str:
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    rules = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab()))
+    for part in (rules, str(max_item_tokens), *item_texts, "\x00", *history_texts):
+        digest.update(part.encode("utf-8"))
+        digest.update(b"\x1f")
+    return digest.hexdigest()[:32]
+
+
 def _find(seq: list[int], sub: list[int]) -> int:
     for start in range(len(seq) - len(sub) + 1):
         if seq[start : start + len(sub)] == sub:
@@ -78,7 +91,12 @@ def _find(seq: list[int], sub: list[int]) -> int:
 
 
 class TokenCache:
-    """Token ids of every item's text and history snippet, computed once per dataset."""
+    """Token ids of every item's text and history snippet, computed once per dataset.
+
+    With `cache_dir`, the ids are also kept on disk, keyed by the tokenizer's vocabulary and
+    rules and by the exact texts, so a later run (another PEFT strategy in a sweep, say)
+    skips tokenization altogether.
+    """
 
     def __init__(
         self,
@@ -87,13 +105,27 @@ class TokenCache:
         history_texts: list[str],
         max_item_tokens: int,
         history_separator: str = " ; ",
+        cache_dir: str | Path | None = None,
     ) -> None:
         self.layout = TokenLayout.probe(tokenizer)
+        self.separator = tokenizer(history_separator.strip(), add_special_tokens=False)["input_ids"]
+        self.pad_id = tokenizer.pad_token_id
+        file = None
+        if cache_dir is not None:
+            key = _token_key(tokenizer, item_texts, history_texts, max_item_tokens)
+            file = Path(cache_dir).expanduser() / "tokens" / f"{key}.pt"
+        if file is not None and file.exists():
+            saved = torch.load(file, weights_only=True)
+            self.item_ids, self.history_ids = saved["item_ids"], saved["history_ids"]
+            return
         encode = tokenizer(item_texts, add_special_tokens=False, truncation=False)["input_ids"]
         self.item_ids = [ids[:max_item_tokens] for ids in encode]
         self.history_ids = tokenizer(history_texts, add_special_tokens=False)["input_ids"]
-        self.separator = tokenizer(history_separator.strip(), add_special_tokens=False)["input_ids"]
-        self.pad_id = tokenizer.pad_token_id
+        if file is not None:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            partial = file.with_suffix(".part")
+            torch.save({"item_ids": self.item_ids, "history_ids": self.history_ids}, partial)
+            partial.replace(file)  # atomic: an interrupted write leaves no half cache
 
     def history(self, items: list[int], budget: int) -> list[int]:
         """The most recent items' snippets that fit `budget` tokens, oldest first."""

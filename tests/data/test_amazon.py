@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -21,17 +20,6 @@ from recsys_lm.errors import ConfigError, DataError
 ROOT = Path(__file__).resolve().parents[2]
 FOLDER = "amazon2018-magazine-subscriptions"
 SPAN = '<span class="a-size-medium a-color-secondary"'
-
-
-@pytest.fixture
-def amazon2018_root() -> Path:
-    root = Path(os.environ.get("RECSYS_LM_DATA_ROOT") or ROOT.parent / "shared" / "data")
-    if not (root / FOLDER / "SOURCE.md").exists():
-        pytest.skip(
-            f"Amazon 2018 Magazine_Subscriptions not found: set RECSYS_LM_DATA_ROOT to the "
-            f"folder that holds {FOLDER}/ (e.g. ../shared/data)"
-        )
-    return root
 
 
 def magazine(root: Path, **kwargs) -> Amazon2018:

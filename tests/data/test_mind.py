@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import zipfile
 from pathlib import Path
 
@@ -22,17 +21,6 @@ from tests.conftest import make_config
 ROOT = Path(__file__).resolve().parents[2]
 FOLDER = "mind-small-sample"
 SPLIT = "MINDsmall_train"
-
-
-@pytest.fixture
-def mind_root() -> Path:
-    root = Path(os.environ.get("RECSYS_LM_DATA_ROOT") or ROOT.parent / "shared" / "data")
-    if not (root / FOLDER / SPLIT / "behaviors.tsv").exists():
-        pytest.skip(
-            f"MIND sample not found: set RECSYS_LM_DATA_ROOT to the folder that holds "
-            f"{FOLDER}/{SPLIT}/ (e.g. ../shared/data)"
-        )
-    return root
 
 
 def placeholder(items: pd.DataFrame) -> pd.Series:
