@@ -22,7 +22,7 @@ def print_summary(result: dict, output_dir: Path, console: Console | None = None
         table.add_column(f"test {name}", justify="right")
     run = result["run"]
     table.add_row(
-        f"{run['head']} + {run['peft']} ({run['freeze']})",
+        f"{run['head']} peft={run['peft']} freeze={run['freeze']}",
         *(f"{result['test'][m]:.4f}" for m in metrics),
         style="bold",
     )

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -24,6 +25,8 @@ from recsys_lm.models.module import count_parameters
 from recsys_lm.report import print_summary
 
 log = logging.getLogger("recsys_lm")
+# transformers v5 deprecation raised inside peft's wrapping: noise on every run, not ours to fix.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
