@@ -10,6 +10,7 @@ from recsys_lm.errors import DataError
 
 INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
 OPTIONAL_INTERACTION_COLUMNS = ("rating", "label", "behaviour", "impression_id")
+LATEST_SECONDS = 4_102_444_800  # 2100-01-01: later "seconds" are almost always milliseconds
 
 
 @dataclass
@@ -50,20 +51,31 @@ class CanonicalData:
             raise DataError(f"{where}: no interactions")
         if self.items["item_id"].duplicated().any():
             dup = self.items.loc[self.items["item_id"].duplicated(), "item_id"].iloc[0]
-            raise DataError(f"{where}: items has duplicate item_id {dup!r}")
+            raise DataError(f"{where}: items has duplicate item_id {_plain(dup)!r}")
         if not pd.api.types.is_integer_dtype(self.interactions["timestamp"]):
             raise DataError(
                 f"{where}: column 'timestamp' must be integer seconds, "
                 f"got {self.interactions['timestamp'].dtype}"
+            )
+        times = self.interactions["timestamp"]
+        if times.min() < 0 or times.max() > LATEST_SECONDS:
+            raise DataError(
+                f"{where}: column 'timestamp' must be unix seconds between 1970 and 2100, got "
+                f"{int(times.min())} .. {int(times.max())} (milliseconds? divide by 1000)"
             )
         known = self.interactions["item_id"].isin(self.items["item_id"])
         if not known.all():
             bad = self.interactions.loc[~known, "item_id"].iloc[0]
             raise DataError(
                 f"{where}: {int((~known).sum())} interaction(s) name item ids absent from "
-                f"the items table (first: {bad!r})"
+                f"the items table (first: {_plain(bad)!r})"
             )
 
     @property
     def text_columns(self) -> list[str]:
         return [c for c in self.items.columns if c != "item_id"]
+
+
+def _plain(value: object) -> object:
+    """numpy scalars as plain Python values, so messages read `9`, not `np.int64(9)`."""
+    return value.item() if hasattr(value, "item") else value
