@@ -6,8 +6,17 @@ import os
 from pathlib import Path
 
 import torch
+from tokenizers.processors import TemplateProcessing
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2Model,
+)
 
 from recsys_lm.errors import ConfigError, RecsysLMError
 
@@ -177,3 +186,51 @@ def build_tiny_bert(
         torch.manual_seed(seed)
         model = BertModel(config, add_pooling_layer=False)
     return Backbone(model, tokenizer, pooling, max_length)
+
+
+def decoder_style_tokenizer(separator: str = "[SEP]"):
+    """The packaged MiniLM tokenizer made to behave like a GPT-2 one (no GPT-2 files offline).
+
+    - one text is encoded as-is: GPT-2 adds no [CLS]/[SEP] around it;
+    - a pair is `A [SEP] B`: with nothing in between, the history's last word and the
+      candidate's first would run together, so the EOS token marks the boundary (what a
+      GPT-2 prompt would do with its `<|endoftext|>`); `TokenLayout.probe` then reads an
+      empty prefix/suffix and a one-token middle;
+    - `[SEP]` is the EOS token and there is no pad token, as with GPT-2, so that
+      `_prepare_tokenizer`'s pad-token fallback (pad = EOS) is what sets it.
+    Each call loads a fresh tokenizer, so the packaged one used by tiny_bert is untouched.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(str(packaged_minilm_path()))
+    separator_id = tokenizer.convert_tokens_to_ids(separator)
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="$A", pair=f"$A {separator} $B:1", special_tokens=[(separator, separator_id)]
+    )
+    tokenizer.eos_token = separator
+    tokenizer.pad_token = None
+    return tokenizer
+
+
+def build_tiny_gpt2(
+    n_embd: int = 32,
+    n_layer: int = 2,
+    n_head: int = 2,
+    pooling: str = "last",
+    max_length: int = 128,
+    seed: int = 0,
+) -> Backbone:
+    """A small random GPT-2 built in-process (tests of the decoder path) with the packaged
+    tokenizer made decoder-like (see `decoder_style_tokenizer`)."""
+    tokenizer = decoder_style_tokenizer()
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_positions=max(512, max_length),
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = GPT2Model(config)
+    return Backbone(model, _prepare_tokenizer(tokenizer, config), pooling, max_length)

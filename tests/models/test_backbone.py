@@ -3,8 +3,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from recsys_lm.data.text import TokenLayout
 from recsys_lm.errors import ConfigError
-from recsys_lm.models.backbone import build_tiny_bert, load_pretrained, pool
+from recsys_lm.models.adapters import apply_peft
+from recsys_lm.models.backbone import build_tiny_bert, build_tiny_gpt2, load_pretrained, pool
+from recsys_lm.models.freezing import BottomK, layer_stack
 
 
 def test_pooling_ignores_padding():
@@ -55,3 +58,76 @@ def test_packaged_minilm_loads_offline(monkeypatch):
         emb = backbone(enc["input_ids"], enc["attention_mask"])
     assert emb.shape == (2, 384)
     assert torch.nn.functional.cosine_similarity(emb[0], emb[1], dim=0) > 0.3
+
+
+def test_tiny_gpt2_is_a_small_reproducible_decoder_with_a_pad_token():
+    a, b = build_tiny_gpt2(), build_tiny_gpt2()
+    assert a.model_type == "gpt2" and a.is_decoder and a.pooling == "last"
+    assert not a.uses_segments
+    assert sum(p.numel() for p in a.parameters()) < 1_500_000
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    tok = a.tokenizer
+    # Set by _prepare_tokenizer's fallback: the decoder-style tokenizer starts without one.
+    assert tok.pad_token == tok.eos_token == "[SEP]" and tok.padding_side == "right"
+    # Like GPT-2, no special tokens around one text; EOS between the two texts of a pair.
+    layout = TokenLayout.probe(tok)
+    assert layout.single_overhead == 0 and layout.pair_prefix == layout.pair_suffix == []
+    assert layout.pair_middle == [tok.eos_token_id]
+    # The packaged tokenizer itself keeps its BERT wrapping (tiny_bert is unaffected).
+    assert TokenLayout.probe(build_tiny_bert().tokenizer).single_overhead == 2
+
+
+def test_tiny_gpt2_refuses_cls_pooling():
+    with pytest.raises(ConfigError, match="backbone.pooling.*decoder"):
+        build_tiny_gpt2(pooling="cls")
+
+
+def test_tiny_gpt2_last_pooling_ignores_right_padding():
+    backbone = build_tiny_gpt2().eval()
+    enc = backbone.tokenizer(
+        ["a red shoe", "a much longer description of a blue trail runner"],
+        padding=True,
+        return_tensors="pt",
+    )
+    assert enc["attention_mask"][0, -1] == 0  # the first text is right-padded
+    alone = backbone.tokenizer(["a red shoe"], return_tensors="pt")
+    with torch.no_grad():
+        padded = backbone(enc["input_ids"], enc["attention_mask"])
+        unpadded = backbone(alone["input_ids"], alone["attention_mask"])
+    torch.testing.assert_close(padded[0], unpadded[0])
+    assert not torch.allclose(padded[0], padded[1])
+
+
+@pytest.mark.parametrize("name", ["lora", "ia3"])
+def test_peft_default_targets_fit_gpt2(name):
+    from peft import IA3Config, LoraConfig
+
+    backbone = build_tiny_gpt2()
+    config = LoraConfig(r=4) if name == "lora" else IA3Config()
+    apply_peft(backbone, name, config)  # peft's defaults: c_attn (+ mlp.c_proj for IA3)
+    trainable = [n for n, p in backbone.named_parameters() if p.requires_grad]
+    assert trainable and all(name in n for n in trainable)
+    assert any("c_attn" in n for n in trainable)
+    ids = torch.tensor([[2000, 2001, 102]])
+    assert backbone(ids, torch.ones_like(ids)).shape == (1, 32)
+
+
+def test_bottom_k_freezes_gpt2_h_layers():
+    backbone = build_tiny_gpt2()
+    assert layer_stack(backbone.model) is backbone.model.h
+    BottomK(k=1).apply(backbone)
+    frozen = {n for n, p in backbone.named_parameters() if not p.requires_grad}
+    assert all(n in frozen for n, _ in backbone.model.h[0].named_parameters(prefix="model.h.0"))
+    assert not any(n.startswith("model.h.1.") for n in frozen)
+    assert {"model.wte.weight", "model.wpe.weight"} <= frozen
+
+
+@pytest.mark.parametrize(("head", "peft"), [("click", "lora"), ("retrieval", "ia3")])
+def test_tiny_gpt2_trains_end_to_end(config, tmp_path, head, peft):
+    from recsys_lm.train import train
+
+    result = train(config(["backbone=tiny_gpt2", f"head={head}", f"peft={peft}"]))
+    metric = "auroc" if head == "click" else "ndcg@10"
+    assert 0.0 <= result["test"][metric] <= 1.0
+    assert 0 < result["params"]["trainable"] < 0.05 * result["params"]["total"]
