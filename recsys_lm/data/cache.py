@@ -2,7 +2,8 @@
 
 `CachedSource(source, cache_dir).load()` keys an entry by sha256 over
   * the source's class (module + qualname) and the sha256 of the module file that defines it
-    and of canonical.py (editing the parser or the canonical rules invalidates entries),
+    and of every module of recsys_lm.data (editing a parser, a shared reader or the canonical
+    rules invalidates entries),
   * the source's preprocessing config: its dataclass fields except root/cache_dir/download,
   * the sha256 of every raw file the source reads (`source.raw_files()`), in order,
   * the cache format version,
@@ -95,7 +96,7 @@ class CachedSource:
         inputs = {
             "format": FORMAT,
             "source": f"{source_type.__module__}.{source_type.__qualname__}",
-            "code": [_code_digest(t, digests) for t in (source_type, CanonicalData)],
+            "code": _code_digests(source_type, digests),
             "config": config_of(self.source),
             # Names, not full paths: moving data.root does not invalidate the cache.
             "files": [[file.name, digests.of(file)] for file in files],
@@ -118,12 +119,19 @@ def key_of(inputs: dict[str, Any]) -> str:
     return _sha256(json.dumps(inputs, sort_keys=True).encode())
 
 
-def _code_digest(cls: type, digests: Digests) -> str:
-    """sha256 of the file that defines `cls` ("unknown" for classes without one, e.g. a REPL's)."""
+def _code_digests(cls: type, digests: Digests) -> list[list[str]]:
+    """sha256 of the file that defines `cls` and of every module of `recsys_lm.data`: parsers
+    share helpers (readers, markup) and the canonical rules, and an edit to any of them must
+    miss old entries. A class without a file (a REPL's) contributes "unknown"."""
+    package = Path(inspect.getfile(CanonicalData)).parent
+    files = sorted(package.glob("*.py"))
     try:
-        return digests.of(Path(inspect.getfile(cls)))
+        own = Path(inspect.getfile(cls))
+        files = [own, *(f for f in files if f != own)]
+        head: list[list[str]] = []
     except (TypeError, OSError):
-        return "unknown"
+        head = [["<no file>", "unknown"]]
+    return head + [[f.name, digests.of(f)] for f in files]
 
 
 def config_of(source: Any) -> dict[str, Any]:

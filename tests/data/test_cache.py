@@ -177,3 +177,12 @@ def test_real_100k_round_trips(ml100k_root, tmp_path):
     first = cached.load()
     assert len(first.interactions) == 100_000
     assert_same(first, cached.load())
+
+
+def test_key_covers_the_shared_parsing_modules(tmp_path):
+    from recsys_lm.data.cache import Digests, _code_digests
+    from recsys_lm.data.movielens import MovieLens100K
+
+    names = [name for name, _ in _code_digests(MovieLens100K, Digests(tmp_path / "d.json"))]
+    assert names[0] == "movielens.py"  # the source's own parser first
+    assert {"canonical.py", "readers.py", "markup.py"} <= set(names)
