@@ -122,7 +122,19 @@ def key_of(inputs: dict[str, Any]) -> str:
 def _code_digests(cls: type, digests: Digests) -> list[list[str]]:
     """sha256 of the file that defines `cls` and of every module of `recsys_lm.data`: parsers
     share helpers (readers, markup) and the canonical rules, and an edit to any of them must
-    miss old entries. A class without a file (a REPL's) contributes "unknown"."""
+    miss old entries. A class without a file (a REPL's) contributes "unknown".
+
+    Computed once per process: the code that runs is what was imported, whatever happens to
+    the files on disk afterwards."""
+    if cls not in _CODE_DIGESTS:
+        _CODE_DIGESTS[cls] = _hash_code(cls, digests)
+    return _CODE_DIGESTS[cls]
+
+
+_CODE_DIGESTS: dict[type, list[list[str]]] = {}
+
+
+def _hash_code(cls: type, digests: Digests) -> list[list[str]]:
     package = Path(inspect.getfile(CanonicalData)).parent
     files = sorted(package.glob("*.py"))
     try:
