@@ -40,12 +40,9 @@ def check_precision(cfg: DictConfig) -> None:
         )
 
 
-def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-
-
-def build_loggers(cfg: DictConfig) -> list:
-    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+def instantiate_group(cfg: DictConfig, group: str) -> list:
+    """Every entry of a keyed group (callbacks, logger); `~callbacks.<name>` drops one."""
+    return [instantiate(c) for c in (cfg.get(group) or {}).values() if c is not None]
 
 
 def train(cfg: DictConfig) -> dict:
@@ -74,7 +71,7 @@ def train(cfg: DictConfig) -> dict:
         100 * params["trainable"] / params["total"],
     )
 
-    callbacks, loggers = build_callbacks(cfg), build_loggers(cfg)
+    callbacks, loggers = instantiate_group(cfg, "callbacks"), instantiate_group(cfg, "logger")
     for logger in loggers:
         logger.log_hyperparams(
             {

@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
+from recsys_lm.models.backbone import build_tiny_bert
 from recsys_lm.train import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +42,12 @@ def make_config(
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The packaged MiniLM tokenizer, as tiny_bert uses it (read-only in tests)."""
+    return build_tiny_bert().tokenizer
 
 
 @pytest.fixture

@@ -15,15 +15,9 @@ from recsys_lm.baselines import (
 from recsys_lm.data.datamodule import RecDataModule
 from recsys_lm.data.sample import SampleSource
 from recsys_lm.errors import ConfigError
-from recsys_lm.models.backbone import build_tiny_bert
 
 # 4 users, 5 items. Items 0 and 1 always go together; item 4 is the most popular.
 TRAIN = [[0, 1, 4], [0, 1, 4], [2, 4], [2, 3, 4]]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_bert().tokenizer
 
 
 def make(tokenizer, task="retrieval", **kw):

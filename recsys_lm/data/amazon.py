@@ -16,7 +16,6 @@ replaced, never fed as markup (see recsys_lm/data/markup.py).
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,9 +25,9 @@ from typing import Any, ClassVar
 import pandas as pd
 
 from recsys_lm.data.canonical import CanonicalData
+from recsys_lm.data.download import dataset_folder
 from recsys_lm.data.download import download as fetch
 from recsys_lm.data.markup import TitleFix, clean_title, join_text, strip_html
-from recsys_lm.data.movielens import resolve_root
 from recsys_lm.data.readers import (
     BadRecord,
     check_on_bad_line,
@@ -102,9 +101,7 @@ class _AmazonSource:
 
     @property
     def path(self) -> Path:
-        if self.download and not self.root and not os.environ.get("RECSYS_LM_DATA_ROOT"):
-            return Path(self.cache_dir).expanduser() / self.folder
-        return resolve_root(self.root) / self.folder
+        return dataset_folder(self.root, self.folder, self.download, self.cache_dir)
 
     # Release-specific parts.
     def candidates(self, kind: str) -> list[str]:

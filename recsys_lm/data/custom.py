@@ -26,7 +26,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from recsys_lm.data.canonical import CanonicalData
-from recsys_lm.data.movielens import resolve_root
+from recsys_lm.data.download import resolve_root
 from recsys_lm.errors import ConfigError, DataError
 
 INTERACTION_KEYS = {"path", "user", "item", "time"}  # required

@@ -1,15 +1,17 @@
-"""Fetch a publisher's archive into a cache folder, verify its checksum, unpack it."""
+"""Where a dataset's files live, and fetching a publisher's archive into a cache folder
+(checksum verified, unpacked)."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import urllib.request
 import zipfile
 from pathlib import Path
 
-from recsys_lm.errors import DataError
+from recsys_lm.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -58,3 +60,26 @@ def unzip(archive: Path, destination: Path) -> Path:
     with zipfile.ZipFile(archive) as bundle:
         bundle.extractall(destination)
     return destination
+
+
+def resolve_root(root: str | None, key: str = "data.root") -> Path:
+    """The folder that holds the datasets: `data.root`, else $RECSYS_LM_DATA_ROOT."""
+    root = root or os.environ.get("RECSYS_LM_DATA_ROOT")
+    if not root:
+        raise ConfigError(
+            key, root, "a folder of datasets; set data.root=... or RECSYS_LM_DATA_ROOT"
+        )
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise ConfigError(key, root, f"an existing folder; {path.resolve()} does not exist")
+    return path
+
+
+def dataset_folder(
+    root: str | None, folder: str, download: bool, cache_dir: str, cached: str | None = None
+) -> Path:
+    """Where a source reads its files: `<data.root>/<folder>`, or, when it may download and
+    no root is set at all, its unpacked folder (`cached`, default `folder`) in the cache."""
+    if download and not root and not os.environ.get("RECSYS_LM_DATA_ROOT"):
+        return Path(cache_dir).expanduser() / (cached or folder)
+    return resolve_root(root) / folder

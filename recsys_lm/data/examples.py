@@ -51,8 +51,7 @@ class ClickSet(Dataset):
         rows = []
         for user in split.eval_users(stage):
             history = split.history(user, stage)
-            # Never sample an item the user interacted with anywhere as a negative.
-            everything = set(split.history(user, "test")) | set(split.test[user])
+            everything = split.seen(user)
             for target in split.targets(user, stage):
                 rows.append((user, history, target, 1.0))
                 for neg in sampler.sample(rng, user, target, everything, negatives):
@@ -148,7 +147,7 @@ class RankingSet(Dataset):
             rng = np.random.default_rng(seed + STAGE_SEEDS[stage])
             self.candidates = {}
             for user in self.users:
-                everything = set(split.history(user, "test")) | set(split.test[user])
+                everything = split.seen(user)
                 targets = split.targets(user, stage)
                 negs = [
                     n for t in targets for n in sampler.sample(rng, user, t, everything, negatives)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -33,8 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recsys_lm.data.canonical import CanonicalData
-from recsys_lm.data.download import download, unzip
-from recsys_lm.data.movielens import resolve_root
+from recsys_lm.data.download import dataset_folder, download, unzip
 from recsys_lm.errors import ConfigError, DataError
 
 MIND_URL = "https://mind201910small.blob.core.windows.net/release/{split}.zip"
@@ -91,9 +89,7 @@ class MIND:
 
     @property
     def path(self) -> Path:
-        if self.download and not self.root and not os.environ.get("RECSYS_LM_DATA_ROOT"):
-            return Path(self.cache_dir).expanduser() / self.folder
-        return resolve_root(self.root) / self.folder
+        return dataset_folder(self.root, self.folder, self.download, self.cache_dir)
 
     def prepare(self) -> None:
         """Download and unzip each absent split into `<path>/<split>/` (no checksum exists)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import ClassVar
 import pandas as pd
 
 from recsys_lm.data.canonical import CanonicalData
-from recsys_lm.data.download import download, unzip
+from recsys_lm.data.download import dataset_folder, download, unzip
 from recsys_lm.errors import ConfigError, DataError
 
 ML100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
@@ -109,19 +108,6 @@ CSV_RELEASES = {
 RATING_DTYPES = {"user_id": "int64", "item_id": "int64", "rating": "float32", "timestamp": "int64"}
 
 
-def resolve_root(root: str | None, key: str = "data.root") -> Path:
-    """The folder that holds the datasets: `data.root`, else $RECSYS_LM_DATA_ROOT."""
-    root = root or os.environ.get("RECSYS_LM_DATA_ROOT")
-    if not root:
-        raise ConfigError(
-            key, root, "a folder of datasets; set data.root=... or RECSYS_LM_DATA_ROOT"
-        )
-    path = Path(root).expanduser()
-    if not path.is_dir():
-        raise ConfigError(key, root, f"an existing folder; {path.resolve()} does not exist")
-    return path
-
-
 @dataclass
 class _MovieLens:
     """Shared behaviour; subclasses set `release` and implement `_read(path)`."""
@@ -137,9 +123,10 @@ class _MovieLens:
 
     @property
     def path(self) -> Path:
-        if self.download and not self.root and not os.environ.get("RECSYS_LM_DATA_ROOT"):
-            return Path(self.cache_dir).expanduser() / self.release.unpacked
-        return resolve_root(self.root) / (self.folder or self.release.folder)
+        folder = self.folder or self.release.folder
+        return dataset_folder(
+            self.root, folder, self.download, self.cache_dir, self.release.unpacked
+        )
 
     def raw_files(self) -> list[Path]:
         """The files `load` reads (what a cache key hashes)."""

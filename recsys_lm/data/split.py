@@ -41,6 +41,10 @@ class Split:
             return self.train[user] + self.val[user]
         return list(self.train[user])
 
+    def seen(self, user: int) -> set[int]:
+        """Every item the user interacted with, in any part: never a valid negative."""
+        return set(self.train[user]) | set(self.val[user]) | set(self.test[user])
+
     def counts(self, num_items: int) -> np.ndarray:
         flat = [i for seq in self.train for i in seq]
         return np.bincount(np.asarray(flat, dtype=np.int64), minlength=num_items)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from recsys_lm.errors import ConfigError
+from recsys_lm.models.adapters import is_peft
 from recsys_lm.models.backbone import Backbone
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,7 @@ class HeadOnly:
     name = "head_only"
 
     def apply(self, backbone: Backbone) -> None:
-        adapters = [n for n, p in backbone.named_parameters() if p.requires_grad]
-        if adapters and any("lora" in n or "ia3" in n or "prompt" in n for n in adapters):
+        if is_peft(backbone) and any(p.requires_grad for p in backbone.parameters()):
             log.warning(
                 "freeze=head_only also freezes the PEFT adapter: this run is a "
                 "linear probe of the head over a frozen backbone"

@@ -7,12 +7,6 @@ from recsys_lm.data.batches import PairBatch, RankingBatch, TwoTowerBatch
 from recsys_lm.data.datamodule import RecDataModule
 from recsys_lm.data.sample import SampleSource
 from recsys_lm.errors import ConfigError
-from recsys_lm.models.backbone import build_tiny_bert
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_bert().tokenizer
 
 
 def make(tokenizer, task, **kw):

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from recsys_lm.data import movielens
-from recsys_lm.data.movielens import MovieLens1M, MovieLens100K, MovieLensCSV, resolve_root
+from recsys_lm.data.download import resolve_root
+from recsys_lm.data.movielens import MovieLens1M, MovieLens100K, MovieLensCSV
 from recsys_lm.errors import ConfigError, DataError
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"

@@ -9,7 +9,6 @@ from recsys_lm.data.filters import k_core
 from recsys_lm.data.negatives import NegativeSampler
 from recsys_lm.data.sample import SampleSource
 from recsys_lm.errors import ConfigError
-from recsys_lm.models.backbone import build_tiny_bert
 
 
 def test_uniform_negatives_avoid_the_users_items_and_are_distinct():
@@ -47,11 +46,6 @@ def test_k_core_is_iterated_until_stable():
     assert sorted(kept["user_id"].unique()) == [1, 2]
     assert sorted(kept["item_id"].unique()) == [1, 2]
     assert sum(dropped.values()) == 2
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_bert().tokenizer
 
 
 def test_sampled_retrieval_eval_ranks_only_the_candidates(tokenizer):

@@ -6,12 +6,6 @@ import torch
 
 from recsys_lm.data.text import TokenCache, TokenLayout, render
 from recsys_lm.errors import ConfigError
-from recsys_lm.models.backbone import build_tiny_bert
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_bert().tokenizer
 
 
 def test_layout_matches_the_tokenizer_for_single_and_pair(tokenizer):
