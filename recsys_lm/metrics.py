@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torchmetrics import MetricCollection
@@ -64,5 +66,12 @@ class RankingMetrics(nn.Module):
         self._queries = 0
 
 
-def build_metrics(task: str, k: int) -> ClickMetrics | RankingMetrics:
-    return ClickMetrics() if task == "click" else RankingMetrics(k)
+# Which metrics each task reports (keys are `head.task` values); each takes the cut-off k.
+METRICS: dict[str, Callable[[int], nn.Module]] = {
+    "click": lambda k: ClickMetrics(),
+    "retrieval": RankingMetrics,
+}
+
+
+def build_metrics(task: str, k: int) -> nn.Module:
+    return METRICS[task](k)

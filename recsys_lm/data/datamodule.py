@@ -14,16 +14,17 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from recsys_lm.data.cache import CachedSource
 from recsys_lm.data.canonical import CanonicalData
-from recsys_lm.data.examples import ClickSet, ItemSet, RankingSet, TwoTowerSet
+from recsys_lm.data.examples import ItemSet
 from recsys_lm.data.filters import k_core
 from recsys_lm.data.negatives import NegativeSampler
 from recsys_lm.data.split import Split, make_split
+from recsys_lm.data.tasks import TASKS
 from recsys_lm.data.text import TokenCache, render
 from recsys_lm.errors import ConfigError
 
 log = logging.getLogger(__name__)
-TASKS = ("click", "retrieval")
 EVAL_MODES = ("full", "sampled")
+SPLIT_ATTRS = ("rating", "behaviour")  # interaction columns carried through the split
 
 
 class RecDataModule(L.LightningDataModule):
@@ -85,12 +86,11 @@ class RecDataModule(L.LightningDataModule):
             raise ConfigError("head.task", task, f"one of {list(TASKS)}")
         if eval_mode not in EVAL_MODES:
             raise ConfigError("data.eval_mode", eval_mode, f"one of {list(EVAL_MODES)}")
-        if task == "click" and eval_mode != "sampled":
+        allowed = TASKS[task].eval_modes
+        if eval_mode not in allowed:
+            why = f" ({TASKS[task].why})" if TASKS[task].why else ""
             raise ConfigError(
-                "data.eval_mode",
-                eval_mode,
-                "`sampled` for head=click (a cross-encoder scores sampled candidates; use "
-                "head=retrieval for full ranking)",
+                "data.eval_mode", eval_mode, f"one of {list(allowed)} for task `{task}`{why}"
             )
 
     def _check_lengths(self) -> None:
@@ -132,6 +132,8 @@ class RecDataModule(L.LightningDataModule):
                 "user": users.get_indexer(interactions["user_id"]),
                 "item": item_index.loc[interactions["item_id"]].to_numpy(),
                 "timestamp": interactions["timestamp"].to_numpy(),
+                # Per-interaction targets some tasks read (rating, behaviour heads; TALLRec).
+                **{c: interactions[c].to_numpy() for c in SPLIT_ATTRS if c in interactions.columns},
             }
         )
         self.user_ids, self.num_items = users.to_numpy(), len(items)
@@ -165,28 +167,7 @@ class RecDataModule(L.LightningDataModule):
         )
 
     def _dataset(self, stage: str):
-        budget, split = self.max_history_tokens, self.split
-        if self.task == "click":
-            if stage == "train":
-                return ClickSet.for_training(
-                    split, self.sampler, self.train_negatives, self.seed, self.cache, budget
-                )
-            return ClickSet.for_eval(
-                split, stage, self.sampler, self.eval_negatives, self.seed, self.cache, budget
-            )
-        if stage == "train":
-            return TwoTowerSet(split, self.cache, budget)
-        sampler = self.sampler if self.eval_mode == "sampled" else None
-        return RankingSet(
-            split,
-            stage,
-            self.num_items,
-            self.cache,
-            budget,
-            sampler,
-            self.eval_negatives,
-            self.seed,
-        )
+        return TASKS[self.task].build(self, stage)
 
     # -- loaders ----------------------------------------------------------------------------
     def _loader(self, dataset, batch_size: int, sampler=None) -> DataLoader:

@@ -25,6 +25,13 @@ class Split:
     description: str = ""
     # Items that never occur in training (cold-start split): ID-only models cannot score them.
     cold_items: set[int] = field(default_factory=set)
+    # Per-interaction values aligned with train/val/test (e.g. "rating", "behaviour"):
+    # name -> (train, val, test), each a per-user list parallel to the item sequence.
+    attrs: dict[str, tuple[list[list], list[list], list[list]]] = field(default_factory=dict)
+
+    def attr(self, name: str, user: int, part: str) -> list:
+        """Values of column `name` for `user`'s items in `part` ("train", "val" or "test")."""
+        return self.attrs[name][PARTS.index(part)][user]
 
     def targets(self, user: int, stage: str) -> list[int]:
         return self.val[user] if stage == "val" else self.test[user]
@@ -50,10 +57,16 @@ class Split:
         return np.bincount(np.asarray(flat, dtype=np.int64), minlength=num_items)
 
 
-def _sequences(frame: pd.DataFrame, num_users: int, mask: np.ndarray) -> list[list[int]]:
-    out: list[list[int]] = [[] for _ in range(num_users)]
-    for user, items in frame[mask].groupby("user", sort=False)["item"]:
-        out[user] = items.tolist()
+PARTS = ("train", "val", "test")
+KEY_COLUMNS = ("user", "item", "timestamp")
+
+
+def _sequences(
+    frame: pd.DataFrame, num_users: int, mask: np.ndarray, column: str = "item"
+) -> list[list]:
+    out: list[list] = [[] for _ in range(num_users)]
+    for user, values in frame[mask].groupby("user", sort=False)[column]:
+        out[user] = values.tolist()
     return out
 
 
@@ -65,13 +78,16 @@ def _from_masks(
     description: str,
     **extra,
 ) -> Split:
-    """Rows flagged val or test are held out; every other row trains."""
+    """Rows flagged val or test are held out; every other row trains. Columns besides
+    user/item/timestamp travel along as `Split.attrs`."""
+    masks = (~(test | val), val, test)
+    attrs = {
+        column: tuple(_sequences(frame, num_users, m, column) for m in masks)
+        for column in frame.columns
+        if column not in KEY_COLUMNS
+    }
     return Split(
-        _sequences(frame, num_users, ~(test | val)),
-        _sequences(frame, num_users, val),
-        _sequences(frame, num_users, test),
-        description,
-        **extra,
+        *(_sequences(frame, num_users, m) for m in masks), description, attrs=attrs, **extra
     )
 
 
@@ -177,7 +193,8 @@ SPLITS: dict[str, Callable[..., Split]] = {
 
 
 def make_split(frame: pd.DataFrame, num_users: int, method: str, **options) -> Split:
-    """`frame` has integer `user`, `item`, `timestamp` columns."""
+    """`frame` has integer `user`, `item`, `timestamp` columns; any other column (rating,
+    behaviour) is split alongside and kept in `Split.attrs`."""
     if method not in SPLITS:
         raise ConfigError("data.split.method", method, f"one of {list(SPLITS)}")
     for key in ("val_ratio", "test_ratio"):
