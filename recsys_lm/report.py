@@ -26,9 +26,13 @@ def print_summary(result: dict, output_dir: Path, console: Console | None = None
         *(f"{result['test'][m]:.4f}" for m in metrics),
         style="bold",
     )
+    skipped = {n: s["skipped"] for n, s in result["baselines"].items() if "skipped" in s}
     for name, scores in result["baselines"].items():
-        table.add_row(name, *(f"{scores['test'].get(m, float('nan')):.4f}" for m in metrics))
+        if name not in skipped:
+            table.add_row(name, *(f"{scores['test'].get(m, float('nan')):.4f}" for m in metrics))
     console.print(table)
+    for why in skipped.values():
+        console.print(f"baseline skipped: {why}")
     params, timing = result["params"], result["timing"]
     console.print(
         f"trainable params {params['trainable']:,} / {params['total']:,} "

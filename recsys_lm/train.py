@@ -27,6 +27,8 @@ from recsys_lm.report import print_summary
 log = logging.getLogger("recsys_lm")
 # transformers v5 deprecation raised inside peft's wrapping: noise on every run, not ours to fix.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+# peft's prefix tuning still passes `past_key_values` (v5 renamed it `cache`): noise, as above.
+warnings.filterwarnings("ignore", message=".*`past_key_values` is deprecated.*")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
@@ -92,7 +94,8 @@ def train(cfg: DictConfig) -> dict:
     best = _best_checkpoint(trainer)
     val = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
     test = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
-    baselines = run_baselines(datamodule, list(cfg.baselines))
+    options = OmegaConf.to_container(cfg.get("baseline_options") or {}, resolve=True)
+    baselines = run_baselines(datamodule, list(cfg.baselines), options)
     eval_s = time.perf_counter() - eval_start
 
     result = {

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from recsys_lm.train import train
+from recsys_lm.train import CONFIG_DIR, train
 
 HEADS = ["click", "retrieval"]
 PEFTS = ["none", "lora", "adalora", "ia3", "prefix", "prompt"]
@@ -159,3 +160,17 @@ history_template: "{{name}}"
     assert result["protocol"]["dataset"] == "my_shop"
     assert result["protocol"]["items"] == 40
     assert 0.0 <= result["test"]["ndcg@10"] <= 1.0
+
+
+def test_every_head_says_which_way_its_monitor_metric_improves(config):
+    """Checkpointing and early stopping follow the head: rmse is minimised, the rest maximised."""
+    heads = sorted(p.stem for p in Path(CONFIG_DIR, "head").glob("*.yaml"))
+    assert {"click", "retrieval", "rating", "behaviour"} <= set(heads)
+    for head in heads:
+        cfg = config([f"head={head}"])
+        assert cfg.head.monitor_mode in ("min", "max"), head
+        callbacks = cfg.callbacks
+        assert callbacks.model_checkpoint.mode == cfg.head.monitor_mode, head
+        assert callbacks.early_stopping.mode == cfg.head.monitor_mode, head
+    assert config(["head=rating"]).callbacks.model_checkpoint.mode == "min"
+    assert config(["head=click"]).callbacks.model_checkpoint.mode == "max"

@@ -8,7 +8,7 @@ from torch.utils.data import Dataset
 
 from recsys_lm.data.batches import ItemBatch, PairBatch, RankingBatch, TwoTowerBatch, pad
 from recsys_lm.data.negatives import NegativeSampler
-from recsys_lm.data.split import Split
+from recsys_lm.data.split import PARTS, Split
 from recsys_lm.data.text import TokenCache
 
 STAGE_SEEDS = {"train": 0, "val": 1, "test": 2}
@@ -58,6 +58,45 @@ class ClickSet(Dataset):
                     rows.append((user, history, neg, 0.0))
         return cls(rows, cache, budget)
 
+    @classmethod
+    def from_ratings(
+        cls,
+        split: Split,
+        stage: str,
+        threshold: float,
+        history_items: int | None,
+        cache: TokenCache,
+        budget: int,
+    ) -> ClickSet:
+        """Explicit feedback as labels (TALLRec, Bao et al. 2023): one row per rated
+        interaction in `stage`'s part, positive when rating > `threshold`, its history the
+        user's `history_items` previous interactions in time, whatever part they are in.
+        Interactions with fewer previous ones are skipped (TALLRec always shows n); with
+        `history_items=None` every earlier interaction is history and one is enough.
+        Needs a split whose parts are in time order per user (train, then val, then test)."""
+        need = history_items or 1
+        rows = []
+        for user in range(len(split.train)):
+            sequence = split.train[user] + split.val[user] + split.test[user]
+            start = sum(len(getattr(split, p)[user]) for p in PARTS[: PARTS.index(stage)])
+            ratings = split.attr("rating", user, stage)
+            for offset, (item, rating) in enumerate(
+                zip(getattr(split, stage)[user], ratings, strict=True)
+            ):
+                t = start + offset
+                if t >= need:
+                    history = sequence[t - history_items if history_items else 0 : t]
+                    rows.append((user, history, item, float(rating > threshold)))
+        return cls(rows, cache, budget)
+
+    def subset(self, size: int | None, seed: int) -> ClickSet:
+        """A fixed random `size` rows (few-shot training, capped evaluation), in their
+        original order; the same rows for the same seed. All rows when `size` is None."""
+        if size is None or size >= len(self.rows):
+            return self
+        keep = np.sort(np.random.default_rng(seed).choice(len(self.rows), size, replace=False))
+        return ClickSet([self.rows[i] for i in keep], self.cache, self.budget)
+
     def __len__(self) -> int:
         return len(self.rows)
 
@@ -66,15 +105,14 @@ class ClickSet(Dataset):
 
     def lengths(self) -> list[int]:
         return [
-            len(self.cache.history(h, self.budget)) + len(self.cache.item_ids[i])
+            len(self.cache.history(h, self.budget))
+            + len(self.cache.item_ids[i])
+            + self.cache.prompt_overhead
             for _, h, i, _ in self.rows
         ]
 
     def collate(self, rows) -> PairBatch:
-        pairs = [
-            self.cache.layout.pair(self.cache.history(h, self.budget), self.cache.item_ids[i])
-            for _, h, i, _ in rows
-        ]
+        pairs = [self.cache.pair(h, i, self.budget) for _, h, i, _ in rows]
         input_ids, mask = pad([ids for ids, _ in pairs], self.cache.pad_id)
         token_types, _ = pad([types for _, types in pairs], 0)
         return PairBatch(
@@ -137,9 +175,16 @@ class RankingSet(Dataset):
         sampler: NegativeSampler | None = None,
         negatives: int = 0,
         seed: int = 0,
+        rank_items: list[int] | None = None,
     ) -> None:
+        """`rank_items`: in full ranking, only these items compete (e.g. the cold items of a
+        cold-start split); None ranks the whole catalogue."""
         self.split, self.stage, self.num_items = split, stage, num_items
         self.cache, self.budget = cache, budget
+        self.outside = None
+        if rank_items is not None:
+            self.outside = torch.ones(num_items, dtype=torch.bool)
+            self.outside[rank_items] = False
         self.users = split.eval_users(stage)
         # Sampled mode: a fixed candidate list per user (targets + `negatives` per target).
         self.candidates: dict[int, list[int]] | None = None
@@ -169,6 +214,8 @@ class RankingSet(Dataset):
             relevant[row, targets] = True
             if self.candidates is None:
                 exclude[row, history] = True
+                if self.outside is not None:
+                    exclude[row] |= self.outside
             else:
                 exclude[row] = True
                 exclude[row, self.candidates[user]] = False

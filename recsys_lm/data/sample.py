@@ -4,6 +4,12 @@ Items get realistic text (title, category, brand or genre); users get latent tas
 categories and brands) and a sequential habit (the next item often shares the previous item's
 category). Item popularity is Zipf-like, so popularity is a real but beatable baseline: a model
 that reads the history's text can learn the tastes and habits that popularity ignores.
+
+Every interaction also has explicit feedback: a `rating` (1-5) and a `behaviour` (view, click
+or buy), both higher for items in the user's favourite categories and by the favourite maker,
+plus per-item quality, per-user leniency and noise. They are drawn from a second generator
+(seed + 1) after everything else, so items, sequences and timestamps are the same as before
+feedback existed.
 """
 
 from __future__ import annotations
@@ -145,6 +151,8 @@ VIDEO = {
     ),
 }
 FLAVOURS = {"ecom": ECOM, "news": NEWS, "video": VIDEO}
+# Per-interaction columns kept only until the feedback is drawn.
+AFFINITY = ("_liked", "_fav", "_user", "_item")
 
 
 @dataclass
@@ -173,6 +181,7 @@ class SampleSource:
         rng = np.random.default_rng(self.seed)
         items = self._items(rng)
         interactions = self._interactions(rng, items)
+        interactions = self._feedback(np.random.default_rng(self.seed + 1), interactions)
         return CanonicalData(self.name, items.drop(columns=["_cat", "_maker"]), interactions)
 
     def _items(self, rng: np.random.Generator) -> pd.DataFrame:
@@ -226,6 +235,7 @@ class SampleSource:
         for u in range(self.num_users):
             likes = rng.choice(categories, size=int(rng.integers(1, 3)), replace=False)
             fav_maker = rng.choice(makers[np.isin(cats, likes)])
+            liked = set(likes.tolist())
             length = int(rng.integers(self.min_history, self.max_history + 1))
             seen: set[int] = set()
             prev_cat = rng.choice(likes)
@@ -246,7 +256,24 @@ class SampleSource:
                 seen.add(item)
                 prev_cat = cats[item]
                 t += int(rng.integers(60, 86_400))
-                rows.append((f"u{u:05d}", items.at[item, "item_id"], t))
-        return pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).astype(
-            {"timestamp": "int64"}
+                # The user's affinity to the item travels along (no draw) for _feedback.
+                affinity = (cats[item] in liked, makers[item] == fav_maker, u, item)
+                rows.append((f"u{u:05d}", items.at[item, "item_id"], t, *affinity))
+        columns = ["user_id", "item_id", "timestamp", *AFFINITY]
+        return pd.DataFrame(rows, columns=columns).astype({"timestamp": "int64"})
+
+    def _feedback(self, rng: np.random.Generator, frame: pd.DataFrame) -> pd.DataFrame:
+        """Rating 1-5 and behaviour (view / click / buy) from the user's affinity to the item
+        (learnable from the history's text), the item's quality and the user's leniency
+        (learnable from averages) and noise."""
+        quality = rng.normal(0.0, 0.5, self.num_items)
+        leniency = rng.normal(0.0, 0.4, self.num_users)
+        item, user = frame["_item"].to_numpy(), frame["_user"].to_numpy()
+        affinity = 1.2 * frame["_liked"].to_numpy() + 0.6 * frame["_fav"].to_numpy()
+        taste = affinity + quality[item]
+        latent = 2.4 + taste + leniency[user] + rng.normal(0.0, 0.6, len(frame))
+        engagement = taste + rng.normal(0.0, 0.6, len(frame))
+        return frame.drop(columns=list(AFFINITY)).assign(
+            rating=np.clip(np.rint(latent), 1, 5).astype("float32"),
+            behaviour=np.select([engagement >= 2.0, engagement >= 1.2], ["buy", "click"], "view"),
         )

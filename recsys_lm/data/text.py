@@ -73,6 +73,21 @@ class TokenLayout:
         return len(self.pair_prefix) + len(self.pair_middle) + len(self.pair_suffix)
 
 
+@dataclass
+class PromptText:
+    """Fixed words around a (history, candidate) pair, from `data.prompt`:
+    `history_prefix` + history + `candidate_prefix` + candidate + `question`.
+
+    They are tokenized on their own, spaces kept (BPE tokenizers fold a leading space into the
+    next word's token), and joined as ids; empty strings (the default) add no token, so an encoder click run reads
+    exactly `history [SEP] candidate` as before.
+    """
+
+    history_prefix: str = ""
+    candidate_prefix: str = ""
+    question: str = ""
+
+
 def _token_key(tokenizer, item_texts, history_texts, max_item_tokens: int) -> str:
     digest = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -106,8 +121,14 @@ class TokenCache:
         max_item_tokens: int,
         history_separator: str = " ; ",
         cache_dir: str | Path | None = None,
+        prompt: PromptText | None = None,
     ) -> None:
         self.layout = TokenLayout.probe(tokenizer)
+        words = prompt or PromptText()
+        self.prompt = {
+            name: tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+            for name, text in vars(words).items()
+        }
         self.separator = tokenizer(history_separator.strip(), add_special_tokens=False)["input_ids"]
         self.pad_id = tokenizer.pad_token_id
         file = None
@@ -126,6 +147,32 @@ class TokenCache:
             partial = file.with_suffix(".part")
             torch.save({"item_ids": self.item_ids, "history_ids": self.history_ids}, partial)
             partial.replace(file)  # atomic: an interrupted write leaves no half cache
+
+    @property
+    def prompt_overhead(self) -> int:
+        """Tokens the prompt's fixed words add to every pair."""
+        return sum(map(len, self.prompt.values()))
+
+    def pair(self, history: list[int], item: int, budget: int) -> tuple[list[int], list[int]]:
+        """(ids, segment ids) of history and candidate with the prompt's words around them."""
+        words = self.prompt
+        return self.layout.pair(
+            words["history_prefix"] + self.history(history, budget),
+            words["candidate_prefix"] + self.item_ids[item] + words["question"],
+        )
+
+    def continuation(self, history: list[int], item: int, budget: int) -> tuple[list[int], int]:
+        """The history prompt continued by the item's text (no question): the ids and where
+        the item's tokens start; they fill the next `len(item_ids[item])` positions."""
+        words, layout = self.prompt, self.layout
+        head = (
+            layout.pair_prefix
+            + words["history_prefix"]
+            + self.history(history, budget)
+            + layout.pair_middle
+            + words["candidate_prefix"]
+        )
+        return head + self.item_ids[item] + layout.pair_suffix, len(head)
 
     def history(self, items: list[int], budget: int) -> list[int]:
         """The most recent items' snippets that fit `budget` tokens, oldest first."""

@@ -34,7 +34,10 @@ def apply_peft(backbone: Backbone, name: str, config: PeftConfig | None) -> None
     """Wrap the backbone's transformer in place; `config=None` means full fine-tuning."""
     if config is None:
         return
-    config.task_type = TaskType.FEATURE_EXTRACTION
+    # A causal LM gets PeftModelForCausalLM: prefix/prompt tuning then feed the LM head too,
+    # and the saved adapter loads with AutoPeftModelForCausalLM. Both task types pass
+    # `output_hidden_states`/`logits_to_keep` through, so pooling heads work either way.
+    config.task_type = TaskType.CAUSAL_LM if backbone.causal_lm else TaskType.FEATURE_EXTRACTION
     try:
         backbone.model = get_peft_model(backbone.model, config)
     except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError) as err:

@@ -11,10 +11,12 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoModelForCausalLM,
     AutoTokenizer,
     BertConfig,
     BertModel,
     GPT2Config,
+    GPT2LMHeadModel,
     GPT2Model,
 )
 
@@ -42,7 +44,15 @@ def packaged_minilm_path() -> Path:
 
 
 class Backbone(nn.Module):
-    """A transformer encoder/decoder whose token states are pooled into one vector per text."""
+    """A transformer encoder/decoder whose token states are pooled into one vector per text.
+
+    A decoder loaded with its language-model head (`causal_lm`: GPT2LMHeadModel,
+    AutoModelForCausalLM) also gives next-token logits (`lm_logits`, for the generative
+    heads); pooling then reads the last hidden states, so every other head works unchanged.
+    Sequences are right-padded throughout: pooling and the generative heads gather the last
+    real token per row, and PEFT prompt learning ignores `position_ids`, so left padding would
+    shift the positions of short rows.
+    """
 
     def __init__(self, model: nn.Module, tokenizer, pooling: str, max_length: int) -> None:
         super().__init__()
@@ -52,11 +62,10 @@ class Backbone(nn.Module):
         self.tokenizer = tokenizer
         self.pooling = pooling
         self.max_length = max_length
+        self.causal_lm = model.get_output_embeddings() is not None
         config = getattr(model, "config", None)
         self.hidden_size = int(getattr(config, "hidden_size", 0) or config.n_embd)
-        self.is_decoder = bool(
-            getattr(config, "is_decoder", False) or config.model_type in DECODER_TYPES
-        )
+        self.is_decoder = is_decoder_config(config)
         if self.is_decoder and pooling == "cls":
             raise ConfigError(
                 "backbone.pooling", pooling, "`last` or `mean` for a decoder backbone"
@@ -80,12 +89,45 @@ class Backbone(nn.Module):
         kwargs = {}
         if token_type_ids is not None and self.uses_segments:
             kwargs["token_type_ids"] = token_type_ids
+        if self.causal_lm:  # hidden states of the base model; skip the vocabulary projection
+            kwargs.update(output_hidden_states=True, logits_to_keep=1)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        return pool(out.last_hidden_state, attention_mask, self.pooling)
+        states = out.hidden_states[-1] if self.causal_lm else out.last_hidden_state
+        return pool(states, attention_mask, self.pooling)
+
+    def lm_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0
+    ) -> torch.Tensor:
+        """Next-token logits [B, keep, V] of the last `keep` positions (all L when 0).
+
+        Row b's logits at position p predict token p + 1. Only the kept positions go through
+        the vocabulary projection (`logits_to_keep`), which matters for 100k+ vocabularies.
+        Prompt tuning's virtual tokens come first, so with keep=0 they are dropped as in `pool`.
+        """
+        if not self.causal_lm:
+            raise ConfigError(
+                "backbone.causal_lm", False, "true: next-token logits need the LM head"
+            )
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep)
+        return out.logits[:, -(keep or input_ids.shape[1]) :]
 
 
 # Model types that read left to right; their useful summary is the last real token.
-DECODER_TYPES = {"gpt2", "gpt_neo", "gptj", "llama", "mistral", "qwen2", "qwen3", "opt", "phi"}
+DECODER_TYPES = {
+    *("gpt2", "gpt_neo", "gptj", "gpt_neox", "gpt_bigcode", "llama", "mistral", "mixtral"),
+    *("qwen2", "qwen3", "opt", "phi", "phi3", "gemma", "gemma2", "falcon", "bloom", "olmo"),
+    *("smollm3", "stablelm", "starcoder2"),
+}
+
+
+def is_decoder_config(config) -> bool:
+    """A causal decoder: a known type, or a checkpoint saved as `...ForCausalLM`."""
+    architectures = getattr(config, "architectures", None) or []
+    return (
+        bool(getattr(config, "is_decoder", False))
+        or config.model_type in DECODER_TYPES
+        or any(a.endswith("ForCausalLM") for a in architectures)
+    )
 
 
 def pool(states: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -138,14 +180,24 @@ def load_pretrained(
     trust_remote_code: bool = False,
     revision: str | None = None,
     cache_dir: str | None = None,
+    causal_lm: bool = False,
 ) -> Backbone:
-    """Load any `AutoModel` by hub id or local folder, with its tokenizer."""
+    """Load any `AutoModel` by hub id or local folder, with its tokenizer; with `causal_lm`,
+    a decoder's `AutoModelForCausalLM` (the LM head the generative heads read)."""
     source = _resolve(name_or_path)
     kwargs = {"trust_remote_code": trust_remote_code, "revision": revision, "cache_dir": cache_dir}
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModel.from_pretrained(source, config=config, **kwargs)
+        if causal_lm and not is_decoder_config(config):
+            raise ConfigError(
+                "backbone.causal_lm",
+                causal_lm,
+                f"false for `{config.model_type}`, an encoder without a next-token head; "
+                "head=generative needs a decoder folder (GPT-2, Llama, Qwen, ...)",
+            )
+        auto = AutoModelForCausalLM if causal_lm else AutoModel
+        model = auto.from_pretrained(source, config=config, **kwargs)
     except OSError as err:
         where = "folder" if Path(source).exists() else "hub id (no network? pass a local folder)"
         raise ConfigError(
@@ -217,9 +269,11 @@ def build_tiny_gpt2(
     pooling: str = "last",
     max_length: int = 128,
     seed: int = 0,
+    causal_lm: bool = False,
 ) -> Backbone:
     """A small random GPT-2 built in-process (tests of the decoder path) with the packaged
-    tokenizer made decoder-like (see `decoder_style_tokenizer`)."""
+    tokenizer made decoder-like (see `decoder_style_tokenizer`); `causal_lm` adds the LM head
+    (GPT2LMHeadModel, tied to the token embeddings, so no extra parameters)."""
     tokenizer = decoder_style_tokenizer()
     config = GPT2Config(
         vocab_size=len(tokenizer),
@@ -232,5 +286,5 @@ def build_tiny_gpt2(
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = GPT2Model(config)
+        model = GPT2LMHeadModel(config) if causal_lm else GPT2Model(config)
     return Backbone(model, _prepare_tokenizer(tokenizer, config), pooling, max_length)

@@ -42,18 +42,32 @@ def save_model(module: RecsysLM, cfg: DictConfig, directory: str | Path) -> Path
         for k in ("backbone", "head", "peft", "freeze", "optim")
     }
     keep["data"] = {"k": cfg.data.k}
+    # Sizes a head learned from the data (catalogue size, classes) to rebuild it before loading.
+    keep["head_state"] = module.head.data_state() if hasattr(module.head, "data_state") else {}
     OmegaConf.save(OmegaConf.create(keep), directory / CONFIG)
-    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-    state = {k: v.detach().cpu() for k, v in module.state_dict().items() if k in trainable}
+    # Trained weights, plus the head's buffers (e.g. cached item embeddings for serving).
+    wanted = {n for n, p in module.named_parameters() if p.requires_grad}
+    wanted |= {f"head.{n}" for n, _ in module.head.named_buffers()}
+    # ...and the head's extra state (the behaviour head's class names), loaded before its weights.
+    wanted |= {f"head.{k}" for k in module.head.state_dict() if k.endswith("_extra_state")}
+    state = {k: _cpu(v) for k, v in module.state_dict().items() if k in wanted}
     torch.save(state, directory / WEIGHTS)
     if is_peft(module.backbone):
         module.backbone.model.save_pretrained(directory / "adapter")
     return directory
 
 
+def _cpu(value):
+    """Tensors to the CPU; extra state (plain Python values) as it is."""
+    return value.detach().cpu() if isinstance(value, torch.Tensor) else value
+
+
 def load_model(directory: str | Path) -> RecsysLM:
     directory = Path(directory)
-    module = build_module(OmegaConf.load(directory / CONFIG))
+    cfg = OmegaConf.load(directory / CONFIG)
+    module = build_module(cfg)
+    if cfg.get("head_state"):
+        module.head.attach(**cfg.head_state)
     state = torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True)
     missing, unexpected = module.load_state_dict(state, strict=False)
     if unexpected:

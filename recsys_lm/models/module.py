@@ -49,6 +49,8 @@ class RecsysLM(L.LightningModule):
             raise ConfigError("optim.schedule", schedule, f"one of {list(SCHEDULES)}")
         self.save_hyperparameters(ignore=["backbone", "head", "peft_config", "freeze"])
         self.backbone = backbone
+        if hasattr(head, "bind"):  # a head that needs the backbone's kind or tokenizer checks here
+            head.bind(backbone)
         apply_peft(backbone, peft_name, peft_config)
         (freeze or NoFreeze()).apply(backbone)
         self.head = head
@@ -67,9 +69,22 @@ class RecsysLM(L.LightningModule):
 
     # -- data-dependent state -------------------------------------------------------------
     def attach_data(self, datamodule) -> None:
-        """Give the head what it needs from the training data (item prior for logQ)."""
+        """Give the head what it needs from the training data (item prior for logQ,
+        catalogue size for per-item parameters)."""
         if hasattr(self.head, "set_item_prior"):
             self.head.set_item_prior(torch.as_tensor(datamodule.item_counts))
+        # Pointwise heads: rating statistics, behaviour classes (data/points.py).
+        if hasattr(self.head, "set_targets") and getattr(datamodule, "targets", None):
+            self.head.set_targets(datamodule.targets)
+        if hasattr(self.head, "attach"):
+            self.head.attach(datamodule.num_items)
+        if hasattr(self.head, "check_backbone"):
+            self.head.check_backbone(self.backbone)
+
+    def on_fit_start(self) -> None:
+        # Cached item embeddings are computed once, on the training device, before step one.
+        if getattr(self.head, "mode", None) == "cached" and hasattr(self.head, "cache_items"):
+            self.head.cache_items(self.backbone, self._item_batches())
 
     # -- training ---------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -109,11 +124,13 @@ class RecsysLM(L.LightningModule):
         }
 
     # -- evaluation -------------------------------------------------------------------------
+    def _item_batches(self):
+        loader = self.trainer.datamodule.item_dataloader()
+        return (move_data_to_device(b, self.device) for b in loader)
+
     def _begin_eval(self) -> None:
         if hasattr(self.head, "index_catalogue"):
-            loader = self.trainer.datamodule.item_dataloader()
-            batches = (move_data_to_device(b, self.device) for b in loader)
-            self.head.index_catalogue(self.backbone, batches)
+            self.head.index_catalogue(self.backbone, self._item_batches())
 
     def on_validation_epoch_start(self) -> None:
         self._begin_eval()

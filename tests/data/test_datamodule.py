@@ -73,3 +73,19 @@ def test_lengths_that_do_not_fit_the_backbone_are_refused(tokenizer):
 def test_click_with_full_ranking_is_refused(tokenizer):
     with pytest.raises(ConfigError, match="data.eval_mode"):
         RecDataModule(SampleSource(), tokenizer, "click", eval_mode="full")
+
+
+def test_cold_ranking_keeps_only_cold_items_as_candidates(tokenizer):
+    dm = make(tokenizer, "retrieval", split={"method": "cold_start"}, eval_items="cold")
+    cold = torch.zeros(dm.num_items, dtype=torch.bool)
+    cold[sorted(dm.split.cold_items)] = True
+    batch = next(iter(dm.test_dataloader()))
+    ranked = ~batch.exclude | batch.relevant
+    assert not (ranked & ~cold).any()  # no warm item competes
+    assert (batch.relevant & cold).sum() == batch.relevant.sum()
+    assert dm.protocol()["ranked_items"] == "cold items only"
+
+
+def test_cold_ranking_needs_a_cold_start_split(tokenizer):
+    with pytest.raises(ConfigError, match="data.eval_items.*cold_start"):
+        make(tokenizer, "retrieval", eval_items="cold").test_dataloader()

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from recsys_lm.data.sample import SampleSource
@@ -41,3 +43,37 @@ def test_users_follow_their_tastes_and_habits():
 def test_unknown_flavour_is_a_config_error():
     with pytest.raises(ConfigError, match="data.source.flavour"):
         SampleSource(flavour="music").load()
+
+
+# Items and sequences as they were before ratings and behaviours were added: the feedback
+# comes from its own generator, so nothing else may change (other tests depend on it).
+BEFORE_FEEDBACK = {
+    "ecom": "af7b44e796f52e7f",
+    "news": "ef9db67e4c1f7d8c",
+    "video": "36470684589711a9",
+}
+
+
+@pytest.mark.parametrize("flavour", list(BEFORE_FEEDBACK))
+def test_feedback_leaves_items_and_sequences_unchanged(flavour):
+    data = SampleSource(flavour=flavour).load()
+    digest = hashlib.sha256()
+    digest.update(data.items.to_csv(index=False).encode())
+    digest.update(
+        data.interactions[["user_id", "item_id", "timestamp"]].to_csv(index=False).encode()
+    )
+    assert digest.hexdigest()[:16] == BEFORE_FEEDBACK[flavour]
+
+
+def test_ratings_and_behaviours_follow_the_users_tastes():
+    data = SampleSource(num_users=100, num_items=200).load()
+    frame = data.interactions.merge(data.items, on="item_id")
+    assert set(frame["rating"].unique()) <= {1.0, 2.0, 3.0, 4.0, 5.0}
+    assert set(frame["behaviour"].unique()) == {"view", "click", "buy"}
+    # A user's most frequent category stands for their tastes: rated higher than the rest.
+    top = frame.groupby("user_id")["category"].agg(lambda c: c.value_counts().index[0])
+    favourite = frame["category"] == frame["user_id"].map(top)
+    assert frame.loc[favourite, "rating"].mean() > frame.loc[~favourite, "rating"].mean() + 0.3
+    # Buying goes with liking: buys are rated higher than views.
+    by_behaviour = frame.groupby("behaviour")["rating"].mean()
+    assert by_behaviour["buy"] > by_behaviour["click"] > by_behaviour["view"]

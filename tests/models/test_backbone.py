@@ -131,3 +131,75 @@ def test_tiny_gpt2_trains_end_to_end(config, tmp_path, head, peft):
     metric = "auroc" if head == "click" else "ndcg@10"
     assert 0.0 <= result["test"][metric] <= 1.0
     assert 0 < result["params"]["trainable"] < 0.05 * result["params"]["total"]
+
+
+# --- Decoders with their LM head (causal_lm): next-token logits beside pooling. ---
+
+
+def test_causal_lm_gpt2_pools_the_base_models_last_hidden_states():
+    backbone = build_tiny_gpt2(causal_lm=True).eval()
+    assert backbone.causal_lm and not build_tiny_gpt2().causal_lm
+    assert not build_tiny_bert().causal_lm
+    enc = backbone.tokenizer(["a red shoe", "a much longer blue trail runner"], padding=True)
+    ids, mask = torch.tensor(enc["input_ids"]), torch.tensor(enc["attention_mask"])
+    with torch.no_grad():
+        pooled = backbone(ids, mask)
+        states = backbone.model.transformer(input_ids=ids, attention_mask=mask).last_hidden_state
+        logits = backbone.lm_logits(ids, mask)
+        tail = backbone.lm_logits(ids, mask, keep=2)
+    torch.testing.assert_close(pooled, pool(states, mask, "last"))
+    assert logits.shape == (2, ids.shape[1], len(backbone.tokenizer))
+    torch.testing.assert_close(tail, logits[:, -2:])  # only the kept positions are projected
+
+
+@pytest.mark.parametrize("name", ["lora", "ia3", "prefix", "prompt"])
+def test_peft_on_a_causal_lm_keeps_logits_and_pooling_aligned(name):
+    from peft import (
+        IA3Config,
+        LoraConfig,
+        PeftModelForCausalLM,
+        PrefixTuningConfig,
+        PromptTuningConfig,
+    )
+
+    configs = {
+        "lora": LoraConfig(r=4),
+        "ia3": IA3Config(),
+        "prefix": PrefixTuningConfig(num_virtual_tokens=3),
+        "prompt": PromptTuningConfig(num_virtual_tokens=3),
+    }
+    backbone = build_tiny_gpt2(causal_lm=True)
+    apply_peft(backbone, name, configs[name])
+    assert isinstance(backbone.model, PeftModelForCausalLM)  # task type CAUSAL_LM
+    backbone.eval()
+    ids = torch.tensor([[2000, 2001, 2002, 102]])
+    with torch.no_grad():
+        logits = backbone.lm_logits(ids, torch.ones_like(ids))
+        pooled = backbone(ids, torch.ones_like(ids))
+    # Prompt tuning's virtual tokens are dropped: one row of logits per real token.
+    assert logits.shape[:2] == (1, 4) and pooled.shape == (1, 32)
+
+
+def test_lm_logits_need_the_lm_head():
+    with pytest.raises(ConfigError, match="backbone.causal_lm"):
+        build_tiny_gpt2().lm_logits(torch.tensor([[1, 2]]), torch.ones(1, 2, dtype=torch.long))
+
+
+def test_hf_folder_loads_as_causal_lm_and_encoders_are_refused(tmp_path):
+    decoder = build_tiny_gpt2(causal_lm=True)
+    decoder.model.save_pretrained(tmp_path / "gpt2")
+    decoder.tokenizer.save_pretrained(tmp_path / "gpt2")
+    loaded = load_pretrained(str(tmp_path / "gpt2"), pooling="last", causal_lm=True)
+    assert loaded.causal_lm and loaded.is_decoder
+    assert type(loaded.model).__name__ == "GPT2LMHeadModel"
+    ids = torch.tensor([[2000, 2001, 102]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.lm_logits(ids, torch.ones_like(ids)),
+            decoder.eval().lm_logits(ids, torch.ones_like(ids)),
+        )
+    encoder = build_tiny_bert()
+    encoder.model.save_pretrained(tmp_path / "bert")
+    encoder.tokenizer.save_pretrained(tmp_path / "bert")
+    with pytest.raises(ConfigError, match="backbone.causal_lm.*encoder"):
+        load_pretrained(str(tmp_path / "bert"), causal_lm=True)

@@ -1,0 +1,261 @@
+"""Pointwise tasks: one row per interaction, with a value to predict (rating, behaviour).
+
+`rating` regresses the interaction's explicit rating. `behaviour` classifies the interaction's
+behaviour type: the `behaviour` column where a dataset has one (e.g. view / click / buy), else
+a rating bucket (e.g. 1-2 negative, 3 neutral, 4-5 positive; `data.behaviour`).
+
+The target space (rating statistics, class names) is computed once from the split, before any
+dataset is built, and shared by the datasets, the head (`set_targets`), the baselines and the
+protocol written to metrics.json. Nothing is ranked: every held-out interaction is one
+prediction (eval_mode `pointwise`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from recsys_lm.data.batches import PairBatch, pad
+from recsys_lm.data.split import PARTS, Split
+from recsys_lm.data.text import TokenCache
+from recsys_lm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from recsys_lm.data.datamodule import RecDataModule
+
+BEHAVIOUR_SOURCES = ("auto", "behaviour", "rating")
+IMPLICIT = "head=click or head=retrieval (implicit feedback)"
+
+
+@dataclass(frozen=True)
+class RatingTargets:
+    """Explicit ratings, regressed as they are (the head standardises with mean and std)."""
+
+    mean: float  # over training ratings
+    std: float  # over training ratings; 1.0 when they are all equal
+    low: float  # smallest training rating: predictions are clamped to [low, high]
+    high: float  # largest training rating
+    missing: int  # interactions without a rating (left out of every stage)
+    column: str = "rating"
+    dtype: torch.dtype = torch.float32
+
+    def encode(self, value: Any) -> float | None:
+        return None if _missing(value) else float(value)
+
+    def protocol(self) -> dict:
+        return {
+            "target": "rating",
+            "source": "`rating` column",
+            "train_mean": round(self.mean, 4),
+            "train_std": round(self.std, 4),
+            "range": [self.low, self.high],
+            "missing": self.missing,
+        }
+
+
+@dataclass(frozen=True)
+class BehaviourTargets:
+    """Behaviour classes: values of the `behaviour` column, or buckets of the rating."""
+
+    classes: tuple[str, ...]
+    column: str  # the split attribute read: "behaviour" or "rating"
+    bounds: tuple[float, ...]  # rating buckets: class c holds bounds[c-1] <= rating < bounds[c]
+    train_counts: tuple[int, ...]  # training interactions per class (class weights, protocol)
+    missing: int  # interactions without a value (left out of every stage)
+    dtype: torch.dtype = torch.long
+
+    def encode(self, value: Any) -> int | None:
+        if _missing(value):
+            return None
+        if self.column == "rating":
+            return int(np.searchsorted(self.bounds, float(value), side="right"))
+        return self.classes.index(str(value))
+
+    def protocol(self) -> dict:
+        source = (
+            "`behaviour` column"
+            if self.column == "behaviour"
+            else f"rating buckets (lower bounds {list(self.bounds)})"
+        )
+        return {
+            "target": "behaviour",
+            "source": source,
+            "classes": list(self.classes),
+            "train_counts": dict(zip(self.classes, self.train_counts, strict=True)),
+            "missing": self.missing,
+        }
+
+
+Targets = RatingTargets | BehaviourTargets
+
+
+def _missing(value: Any) -> bool:
+    return bool(pd.isna(value))
+
+
+def _values(split: Split, column: str, parts: tuple[str, ...] = PARTS) -> list:
+    return [
+        v
+        for part in parts
+        for user in range(len(split.train))
+        for v in split.attr(column, user, part)
+    ]
+
+
+def _columns(dm: RecDataModule) -> list[str]:
+    return [str(c) for c in dm.data.interactions.columns]
+
+
+def rating_targets(dm: RecDataModule) -> RatingTargets:
+    name = dm.source.name
+    if "rating" not in dm.split.attrs:
+        raise ConfigError(
+            "head",
+            "rating",
+            f"a dataset with explicit ratings; `{name}` has no `rating` column (its "
+            f"interactions have {_columns(dm)}): use {IMPLICIT}, or data with ratings (e.g. "
+            "data=movielens_100k, or data=custom with data.source.interactions.rating)",
+        )
+    train = np.array([v for v in _values(dm.split, "rating", ("train",)) if not _missing(v)])
+    if len(train) == 0:
+        raise ConfigError(
+            "head",
+            "rating",
+            f"a dataset with explicit ratings; `{name}`'s training ratings are all missing",
+        )
+    std = float(train.std())
+    return RatingTargets(
+        mean=float(train.mean()),
+        std=std if std > 0 else 1.0,
+        low=float(train.min()),
+        high=float(train.max()),
+        missing=sum(_missing(v) for v in _values(dm.split, "rating")),
+    )
+
+
+def behaviour_targets(dm: RecDataModule) -> BehaviourTargets:
+    options = dm.behaviour_options
+    column = _behaviour_column(dm, options["column"])
+    if column == "behaviour":
+        present = {str(v) for v in _values(dm.split, column) if not _missing(v)}
+        classes, bounds = tuple(sorted(present)), ()
+        if not classes:
+            raise ConfigError(
+                "head", "behaviour", f"behaviour values; `{dm.source.name}`'s are all missing"
+            )
+    else:
+        classes, bounds = _buckets(options["rating_bounds"], options["rating_classes"])
+    targets = BehaviourTargets(classes, column, bounds, (), 0)
+    train = [targets.encode(v) for v in _values(dm.split, column, ("train",))]
+    counts = np.bincount([c for c in train if c is not None], minlength=len(classes))
+    missing = sum(_missing(v) for v in _values(dm.split, column))
+    return BehaviourTargets(classes, column, bounds, tuple(int(c) for c in counts), missing)
+
+
+def _behaviour_column(dm: RecDataModule, wanted: str) -> str:
+    """`auto`: the behaviour column where there is one, else the rating (buckets)."""
+    if wanted not in BEHAVIOUR_SOURCES:
+        raise ConfigError("data.behaviour.column", wanted, f"one of {list(BEHAVIOUR_SOURCES)}")
+    have = [c for c in ("behaviour", "rating") if c in dm.split.attrs]
+    if wanted == "auto" and have:
+        return have[0]
+    if wanted in have:
+        return wanted
+    has = f"(its interactions have {_columns(dm)})"
+    if wanted == "auto":
+        raise ConfigError(
+            "head",
+            "behaviour",
+            "a dataset with a `behaviour` column, or a `rating` column to bucket; "
+            f"`{dm.source.name}` has neither {has}: use {IMPLICIT}",
+        )
+    instead = "data.behaviour.column=auto" if have else IMPLICIT
+    raise ConfigError(
+        "data.behaviour.column",
+        wanted,
+        f"a column the data has; `{dm.source.name}` has no `{wanted}` column {has}: use {instead}",
+    )
+
+
+def _buckets(bounds: list, names: list) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    bounds, names = [float(b) for b in bounds], [str(n) for n in names]
+    if any(a >= b for a, b in zip(bounds, bounds[1:], strict=False)):
+        raise ConfigError("data.behaviour.rating_bounds", bounds, "strictly increasing numbers")
+    if len(names) != len(bounds) + 1:
+        raise ConfigError(
+            "data.behaviour.rating_classes",
+            names,
+            f"one name per bucket: {len(bounds) + 1} for rating_bounds {bounds}",
+        )
+    return tuple(names), tuple(bounds)
+
+
+class PointSet(Dataset):
+    """(user, history, item, target) rows -> PairBatch ("history [SEP] item", label = target).
+
+    Training: every training interaction with a target, its history the user's earlier
+    training items. Validation/test: every held-out interaction with a target, its history
+    `Split.history(user, stage)`. Histories are sliced when a row is read, not stored.
+    """
+
+    def __init__(
+        self, split: Split, stage: str, targets: Targets, cache: TokenCache, budget: int
+    ) -> None:
+        self.targets, self.cache, self.budget = targets, cache, budget
+        # (user, source, cut, item, target): history = source[:cut]
+        self.rows: list[tuple[int, list[int], int, int, float | int]] = []
+        if stage == "train":
+            for user, seq in enumerate(split.train):
+                self._add(user, seq, seq, split.attr(targets.column, user, "train"), False)
+        else:
+            for user in split.eval_users(stage):
+                values = split.attr(targets.column, user, stage)
+                self._add(
+                    user, split.history(user, stage), split.targets(user, stage), values, True
+                )
+
+    def _add(self, user: int, source: list[int], items: list[int], values: list, held_out: bool):
+        for position, (item, value) in enumerate(zip(items, values, strict=True)):
+            target = self.targets.encode(value)
+            if target is not None:
+                cut = len(source) if held_out else position
+                self.rows.append((user, source, cut, item, target))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(user, item, target) of every row, for baselines fitted on the same rows."""
+        users, items, targets = zip(*((r[0], r[3], r[4]) for r in self.rows), strict=True)
+        return np.asarray(users), np.asarray(items), np.asarray(targets)
+
+    def __getitem__(self, index: int) -> tuple[int, list[int], int, float | int]:
+        user, source, cut, item, target = self.rows[index]
+        return user, source[:cut], item, target
+
+    def lengths(self) -> list[int]:
+        return [
+            len(self.cache.history(source[:cut], self.budget)) + len(self.cache.item_ids[item])
+            for _, source, cut, item, _ in self.rows
+        ]
+
+    def collate(self, rows) -> PairBatch:
+        pairs = [
+            self.cache.layout.pair(self.cache.history(h, self.budget), self.cache.item_ids[i])
+            for _, h, i, _ in rows
+        ]
+        input_ids, mask = pad([ids for ids, _ in pairs], self.cache.pad_id)
+        token_types, _ = pad([types for _, types in pairs], 0)
+        return PairBatch(
+            input_ids=input_ids,
+            attention_mask=mask,
+            token_type_ids=token_types,
+            labels=torch.tensor([r[3] for r in rows], dtype=self.targets.dtype),
+            user_index=torch.tensor([r[0] for r in rows]),
+            item_index=torch.tensor([r[2] for r in rows]),
+        )

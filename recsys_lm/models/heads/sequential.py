@@ -1,0 +1,246 @@
+"""Sequential recommendation head: a small causal transformer (SASRec, Kang & McAuley 2018)
+over the user's item sequence, where each item is its language-model text embedding
+(optionally plus a learned ID embedding).
+
+Item embeddings come from the backbone's pooled item text in one of two ways:
+- `cached`: computed once (no gradient) when training starts and kept as a buffer; the
+  backbone stays frozen, every step is cheap, and serving needs only the small network and
+  the table (the real-time path). Use with `freeze=head_only`.
+- `trained`: each step embeds the batch's distinct items through the backbone with gradients,
+  so LoRA / full fine-tuning adapt the text encoder to the task.
+
+With `text: false` and `id_embedding: true` it is the ID-only SASRec baseline.
+
+Training is next-item prediction at every position with a softmax over items: the full
+catalogue (`negatives: 0`) or the positive plus `negatives` uniformly drawn items (sampled
+softmax) where the table is at hand (`cached`, ID-only), and the batch's distinct items
+(in-batch softmax) when the backbone embeds them (`trained`). Evaluation ranks the whole
+catalogue from the last position.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from recsys_lm.data.batches import ItemBatch, SequenceBatch
+from recsys_lm.data.sequences import IGNORE
+from recsys_lm.errors import ConfigError
+from recsys_lm.metrics import RankingMetrics
+from recsys_lm.models.backbone import Backbone
+
+ITEM_EMBEDDINGS = ("cached", "trained")
+
+
+class CausalEncoder(nn.Module):
+    """SASRec's self-attention stack: recency position embeddings, causal attention, pre-norm
+    blocks. Inputs are left-padded; padding is never attended to."""
+
+    def __init__(
+        self, dim: int, max_len: int, num_layers: int, num_heads: int, dropout: float
+    ) -> None:
+        super().__init__()
+        self.dim, self.max_len, self.num_heads = dim, max_len, num_heads
+        self.position = nn.Embedding(max_len, dim)
+        layer = nn.TransformerEncoderLayer(
+            dim, num_heads, dim * 4, dropout, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.blocks = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x [B, T, d] item vectors, mask [B, T] True at real items -> states [B, T, d]."""
+        width = x.shape[1]
+        recency = torch.arange(width - 1, -1, -1, device=x.device).clamp(max=self.max_len - 1)
+        x = self.dropout(x * math.sqrt(self.dim) + self.position(recency))
+        x = x * mask.unsqueeze(-1)
+        future = torch.ones(width, width, dtype=torch.bool, device=x.device).triu(1)
+        eye = torch.eye(width, dtype=torch.bool, device=x.device)
+        # Block the future and padding keys; a padded query may see itself, so no row is empty.
+        blocked = future | (~mask.unsqueeze(1) & ~eye)
+        blocked = blocked.repeat_interleave(self.num_heads, dim=0)
+        return self.norm(self.blocks(x, mask=blocked))
+
+
+class SequentialHead(nn.Module):
+    task = "sequential"
+
+    def __init__(
+        self,
+        hidden_size: int,
+        dim: int = 64,
+        num_layers: int = 2,
+        num_heads: int = 2,
+        dropout: float = 0.2,
+        max_len: int = 50,
+        text: bool = True,
+        id_embedding: bool = False,
+        item_embeddings: str = "cached",
+        negatives: int = 0,
+        item_batch_size: int = 256,
+    ) -> None:
+        super().__init__()
+        if item_embeddings not in ITEM_EMBEDDINGS:
+            raise ConfigError(
+                "head.net.item_embeddings", item_embeddings, f"one of {list(ITEM_EMBEDDINGS)}"
+            )
+        if not (text or id_embedding):
+            raise ConfigError(
+                "head.net.text", text, "true, or head.net.id_embedding=true (items need a vector)"
+            )
+        self.text, self.use_ids, self.mode = text, id_embedding, item_embeddings
+        self.negatives, self.item_batch_size = negatives, item_batch_size
+        self.hidden_size, self.dim = hidden_size, dim
+        self.encoder = CausalEncoder(dim, max_len, num_layers, num_heads, dropout)
+        self.project = None
+        if text:
+            self.project = nn.Sequential(nn.Linear(hidden_size, dim), nn.LayerNorm(dim))
+            # Start text vectors at the ID embeddings' scale (std dim^-0.5): the encoder
+            # multiplies inputs by sqrt(dim), as SASRec does, to put them beside positions.
+            nn.init.constant_(self.project[1].weight, dim**-0.5)
+        self.item_dropout = nn.Dropout(dropout)
+        self.ids: nn.Embedding | None = None  # built once the catalogue size is known
+        # Backbone text embedding of every item [n_items, hidden]; saved with the model, so a
+        # served model needs no backbone pass per request.
+        self.register_buffer("text_table", torch.zeros(0, hidden_size if text else 0))
+        self._eval_table: torch.Tensor | None = None
+
+    # -- catalogue ------------------------------------------------------------------------
+    @property
+    def num_items(self) -> int:
+        return self.ids.num_embeddings if self.ids is not None else len(self.text_table)
+
+    def attach(self, num_items: int) -> None:
+        """Size the per-item parameters and buffers for a catalogue of `num_items`."""
+        if self.use_ids and (self.ids is None or self.ids.num_embeddings != num_items):
+            device = self.encoder.position.weight.device
+            self.ids = nn.Embedding(num_items, self.dim, device=device)
+            nn.init.normal_(self.ids.weight, std=self.dim**-0.5)
+        if self.text and len(self.text_table) != num_items:
+            self.text_table = torch.zeros(
+                num_items, self.hidden_size, device=self.text_table.device
+            )
+
+    def data_state(self) -> dict:
+        """What export must remember to rebuild this head (see `attach`)."""
+        return {"num_items": self.num_items}
+
+    def check_backbone(self, backbone: Backbone) -> None:
+        trainable = any(p.requires_grad for p in backbone.parameters())
+        if self.text and self.mode == "cached" and trainable:
+            raise ConfigError(
+                "head.net.item_embeddings",
+                "cached",
+                "a frozen backbone (freeze=head_only, best with peft=none): cached item "
+                "embeddings never pass gradients to it; or head.net.item_embeddings=trained "
+                "to fine-tune the backbone through the items",
+            )
+
+    @torch.no_grad()
+    def embed_texts(self, backbone: Backbone, batches) -> torch.Tensor:
+        """Pooled backbone embedding of every item, in catalogue order."""
+        parts = []
+        for batch in batches:
+            parts.append(backbone(batch.item_ids, batch.item_mask).float())
+        return torch.cat(parts)
+
+    def cache_items(self, backbone: Backbone, batches) -> None:
+        """Compute the text table once (cached mode); a no-op when nothing reads text."""
+        if self.text:
+            # In place: evaluation runs under inference mode, and a tensor created there could
+            # not be loaded into later (checkpoint restore).
+            self.text_table.copy_(self.embed_texts(backbone, batches))
+
+    def item_vectors(self, text: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:
+        """Item vectors [len(index), d] from text embeddings (rows for `index`) and IDs."""
+        out = 0.0
+        if self.text:
+            out = self.project(text)
+        if self.use_ids:
+            out = out + self.ids(index)
+        return out
+
+    def table(self) -> torch.Tensor:
+        """Vectors of the whole catalogue from the cached text table [n_items, d]."""
+        index = torch.arange(self.num_items, device=self.encoder.position.weight.device)
+        return self.item_vectors(self.text_table if self.text else None, index)
+
+    # -- training -------------------------------------------------------------------------
+    def loss(self, backbone: Backbone | None, batch: SequenceBatch) -> torch.Tensor:
+        if self.text and self.mode == "trained":
+            text = backbone(batch.unique_ids, batch.unique_mask).float()
+            candidates = self.item_vectors(text, batch.unique)
+            local = torch.searchsorted(batch.unique, batch.items.clamp_min(0))
+            targets = torch.searchsorted(batch.unique, batch.targets.clamp_min(0))
+            targets = targets.masked_fill(batch.targets == IGNORE, IGNORE)
+            states = self.encoder(self.item_dropout(candidates[local]), batch.mask)
+            return self._softmax(states, targets, candidates)
+        table = self.table()
+        states = self.encoder(self.item_dropout(table[batch.items]), batch.mask)
+        if self.negatives <= 0:
+            return self._softmax(states, batch.targets, table)
+        return self._sampled_softmax(states, batch.targets, table)
+
+    @staticmethod
+    def _softmax(states: torch.Tensor, targets: torch.Tensor, table: torch.Tensor):
+        keep = targets != IGNORE
+        logits = states[keep] @ table.T
+        return F.cross_entropy(logits.float(), targets[keep])
+
+    def _sampled_softmax(self, states, targets, table) -> torch.Tensor:
+        keep = targets != IGNORE
+        states, targets = states[keep], targets[keep]
+        negatives = torch.randint(0, len(table), (self.negatives,), device=table.device)
+        positive = (states * table[targets]).sum(-1, keepdim=True)
+        negative = states @ table[negatives].T
+        negative = negative.masked_fill(negatives.unsqueeze(0) == targets.unsqueeze(1), -1e9)
+        logits = torch.cat([positive, negative], dim=1).float()
+        return F.cross_entropy(logits, torch.zeros_like(targets))
+
+    # -- evaluation / serving -------------------------------------------------------------
+    @torch.no_grad()
+    def index_catalogue(self, backbone: Backbone | None, batches) -> torch.Tensor:
+        """Item vectors for ranking; a trained backbone re-embeds the texts first."""
+        if self.text and self.mode == "trained":
+            self.cache_items(backbone, batches)
+        self._eval_table = self.table()
+        return self._eval_table
+
+    def user_state(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The last position's state [B, d]: the user's next-item query."""
+        table = self._eval_table if self._eval_table is not None else self.table()
+        return self.encoder(table[items], mask)[:, -1]
+
+    def score_catalogue(self, backbone: Backbone | None, batch: SequenceBatch) -> torch.Tensor:
+        if self._eval_table is None:
+            raise RuntimeError("index_catalogue() must run before scoring users")
+        return self.user_state(batch.items, batch.mask) @ self._eval_table.T
+
+    def evaluate(self, backbone, batch: SequenceBatch, metrics: RankingMetrics) -> None:
+        metrics.update(self.score_catalogue(backbone, batch), batch.relevant, batch.exclude)
+
+    @torch.no_grad()
+    def recommend(self, history: list[int], k: int = 10) -> tuple[list[int], list[float]]:
+        """Top-k item indices for one user from cached vectors (history items excluded)."""
+        items = torch.as_tensor([history[-self.encoder.max_len :]], device=self.text_table.device)
+        scores = self.score_catalogue(
+            None, SequenceBatch(items, torch.ones_like(items, dtype=torch.bool))
+        )[0]
+        scores[items[0]] = float("-inf")
+        top = scores.topk(k)
+        return top.indices.tolist(), top.values.tolist()
+
+
+def item_batches(num_items: int, batch_size: int, cache) -> list[ItemBatch]:
+    """The catalogue's token batches without a datamodule (baselines, tests)."""
+    from recsys_lm.data.examples import ItemSet
+
+    items = ItemSet(num_items, cache)
+    return [
+        items.collate(list(range(s, min(s + batch_size, num_items))))
+        for s in range(0, num_items, batch_size)
+    ]

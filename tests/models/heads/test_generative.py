@@ -1,0 +1,207 @@
+"""Generative heads on a tiny GPT-2 with its LM head: yes/no click and title log-likelihood."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from torch.nn import functional as F
+
+from recsys_lm.data.batches import CandidateBatch, LMBatch, PairBatch
+from recsys_lm.errors import ConfigError
+from recsys_lm.models.export import build_module, load_model
+from recsys_lm.models.heads.generative import GenerativeClickHead
+from recsys_lm.train import train
+
+GPT2 = ["backbone=tiny_gpt2", "data.eval_negatives=4"]  # 5 candidates per user: fast LM scoring
+
+
+def built(config, overrides):
+    """(module, set-up datamodule) for a composed config, without training."""
+    cfg = config([*GPT2, *overrides])
+    module = build_module(cfg).eval()
+    dm = instantiate(
+        cfg.data,
+        tokenizer=module.backbone.tokenizer,
+        task=module.task,
+        max_length=module.backbone.max_length,
+    )
+    dm.setup()
+    return module, dm
+
+
+def unpadded_logits(module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[n, V] logits of one row run alone, without padding; virtual tokens dropped."""
+    real = ids[mask.bool()].unsqueeze(0)
+    with torch.no_grad():
+        logits = module.backbone.model(input_ids=real, attention_mask=torch.ones_like(real)).logits
+    return logits[0, -real.shape[1] :]
+
+
+@pytest.mark.parametrize(
+    ("head", "peft"),
+    [
+        ("generative", "none"),
+        ("generative", "lora"),
+        ("generative", "prompt"),
+        ("generative_rank", "lora"),
+        ("generative_rank", "prefix"),
+    ],
+)
+def test_generative_heads_train_and_evaluate(config, head, peft):
+    result = train(config([*GPT2, f"head={head}", f"peft={peft}", "export_model=false"]))
+    metric = "auroc" if head == "generative" else "ndcg@10"
+    assert 0.0 <= result["test"][metric] <= 1.0
+    assert result["timing"]["train_steps"] == 4
+    assert result["protocol"]["task"] == ("click" if head == "generative" else "generative_ranking")
+    assert result["protocol"]["eval_mode"] == "sampled-4"
+    assert metric in result["baselines"]["popularity"]["test"]  # same candidates, same metric
+    if peft != "none":
+        assert 0 < result["params"]["trainable"] < 0.05 * result["params"]["total"]
+
+
+@pytest.mark.parametrize("peft", ["none", "prompt"])
+def test_p_yes_is_the_two_answer_softmax_at_the_last_prompt_token(config, peft):
+    module, dm = built(config, ["head=generative", f"peft={peft}"])
+    batch: PairBatch = next(iter(dm.test_dataloader()))
+    with torch.no_grad():
+        p_yes = module.head(module.backbone, batch)
+    assert p_yes.shape == batch.labels.shape and ((p_yes > 0) & (p_yes < 1)).all()
+    row = int(batch.attention_mask.sum(1).argmin())  # the shortest row: right-padded
+    assert batch.attention_mask[row, -1] == 0
+    last = unpadded_logits(module, batch.input_ids[row], batch.attention_mask[row])[-1]
+    yes, no = module.head.answer_ids
+    expected = F.softmax(last[[yes, no]], dim=0)[0]
+    torch.testing.assert_close(p_yes[row], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_answer_words_are_single_first_tokens_that_differ():
+    from recsys_lm.models.backbone import build_tiny_gpt2
+
+    backbone = build_tiny_gpt2(causal_lm=True)
+    head = GenerativeClickHead(32, answer_yes=" Yes.", answer_no=" No.")
+    head.bind(backbone)
+    ids = backbone.tokenizer([" yes", " no"], add_special_tokens=False)["input_ids"]
+    assert head.answer_ids == [ids[0][0], ids[1][0]]
+    with pytest.raises(ConfigError, match="head.net.answer_no"):
+        GenerativeClickHead(32, answer_yes=" Yes", answer_no=" yes please").bind(backbone)
+    with pytest.raises(ConfigError, match="head.net.loss"):
+        GenerativeClickHead(32, loss="hinge")
+
+
+@pytest.mark.parametrize("loss", ["lm", "binary"])
+def test_click_losses(config, loss):
+    module, dm = built(config, ["head=generative", "peft=none", f"head.net.loss={loss}"])
+    batch: PairBatch = next(iter(dm.train_dataloader()))
+    head, backbone = module.head, module.backbone
+    with torch.no_grad():
+        value = head.loss(backbone, batch)
+        logits = head.next_token_logits(backbone, batch)
+    yes, no = head.answer_ids
+    if loss == "lm":  # the LM loss of the answer token, over the whole vocabulary
+        answers = torch.where(batch.labels > 0.5, yes, no)
+        expected = F.cross_entropy(logits, answers)
+    else:  # -log of the two-answer softmax's probability of the right answer
+        p = F.softmax(logits[:, [yes, no]], dim=1)[:, 0]
+        expected = F.binary_cross_entropy(p, batch.labels)
+    torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("score", ["sum", "mean"])
+def test_candidate_score_is_the_log_likelihood_of_its_title(config, score):
+    module, dm = built(config, ["head=generative_rank", "peft=none", f"head.net.score={score}"])
+    batch: CandidateBatch = next(iter(dm.test_dataloader()))
+    with torch.no_grad():
+        scores = module.head(module.backbone, batch)
+    n = int(batch.attention_mask.sum(1).argmin())  # a padded sequence
+    ids, mask, target = batch.input_ids[n], batch.attention_mask[n], batch.target_mask[n]
+    logp = unpadded_logits(module, ids, mask).log_softmax(-1)
+    positions = target.nonzero().flatten().tolist()
+    item = int(batch.item_index[n])
+    assert ids[positions].tolist() == dm.cache.item_ids[item]  # the targets are the title
+    by_hand = sum(float(logp[p - 1, ids[p]]) for p in positions)
+    if score == "mean":
+        by_hand /= len(positions)
+    assert scores[batch.query[n], item].item() == pytest.approx(by_hand, rel=1e-4)
+    # Every candidate is scored; everything else is excluded from ranking.
+    candidates = scores > torch.finfo(torch.float32).min
+    assert torch.equal(candidates, ~batch.exclude)
+
+
+def test_lm_training_loss_matches_transformers_own_shifted_loss(config):
+    module, dm = built(config, ["head=generative_rank", "peft=none"])
+    batch: LMBatch = next(iter(dm.train_dataloader()))
+    labels = batch.input_ids.masked_fill(~batch.target_mask, -100)
+    with torch.no_grad():
+        ours = module.head.loss(module.backbone, batch)
+        theirs = module.backbone.model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels
+        ).loss
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("head", "peft"), [("generative", "lora"), ("generative_rank", "prompt")])
+def test_saved_generative_model_reloads_to_identical_scores(
+    config, tmp_path, head, peft, monkeypatch
+):
+    import recsys_lm.train as entry
+
+    captured = {}
+    original = entry.save_model
+
+    def spy(module, cfg, directory):
+        captured["module"] = module
+        return original(module, cfg, directory)
+
+    monkeypatch.setattr(entry, "save_model", spy)
+    cfg = config([*GPT2, f"head={head}", f"peft={peft}", "optim.lr=1e-2"])
+    train(cfg)
+    assert (tmp_path / "model" / "adapter" / "adapter_config.json").exists()
+    trained = captured["module"].cpu().eval()
+    dm = instantiate(
+        cfg.data,
+        tokenizer=trained.backbone.tokenizer,
+        task=trained.task,
+        max_length=trained.backbone.max_length,
+    )
+    dm.setup()
+    batch = next(iter(dm.test_dataloader()))
+    reloaded = load_model(tmp_path / "model")
+    with torch.no_grad():
+        expected = trained.head(trained.backbone, batch)
+        actual = reloaded.head(reloaded.backbone, batch)
+        fresh = build_module(cfg).eval()
+        untrained = fresh.head(fresh.backbone, batch)
+    assert torch.allclose(expected, actual, atol=1e-6)
+    assert not torch.allclose(untrained, actual, atol=1e-6)
+
+
+def test_causal_lm_adapter_is_saved_as_a_causal_lm_adapter(config, tmp_path):
+    import json
+
+    module = build_module(config([*GPT2, "head=generative", "peft=lora"]))
+    module.backbone.model.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["task_type"] == "CAUSAL_LM"  # loads with AutoPeftModelForCausalLM
+
+
+@pytest.mark.parametrize("head", ["generative", "generative_rank"])
+def test_encoder_backbone_is_refused_with_the_key_and_the_choice(config, head):
+    with pytest.raises(ConfigError) as error:
+        build_module(config([f"head={head}"]))  # FAST's backbone: tiny_bert, an encoder
+    message = str(error.value)
+    assert "`backbone`" in message and "backbone=tiny_gpt2" in message
+    assert "backbone=hf backbone.name_or_path=" in message and "head=click" in message
+
+
+def test_decoder_without_its_lm_head_is_refused(config):
+    with pytest.raises(ConfigError, match="backbone.causal_lm"):
+        build_module(config([*GPT2, "head=generative", "backbone.causal_lm=false"]))
+
+
+def test_full_ranking_is_refused_for_generative_ranking(tokenizer):
+    from recsys_lm.data.datamodule import RecDataModule
+    from recsys_lm.data.sample import SampleSource
+
+    with pytest.raises(ConfigError, match="data.eval_mode.*n_items passes per user"):
+        RecDataModule(SampleSource(), tokenizer, "generative_ranking", eval_mode="full")
