@@ -26,10 +26,9 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
-from recsys_lm.models.export import build_module
+from recsys_lm.models.export import build_datamodule, build_module
 from recsys_lm.train import CONFIG_DIR
 
 CANDIDATES = 100  # click: the held-out item + 99 sampled
@@ -48,12 +47,7 @@ def compose_config(head: str, data: list[str]) -> object:
 def setup(head: str, data: list[str], device: torch.device):
     cfg = compose_config(head, data)
     module = build_module(cfg)
-    datamodule = instantiate(
-        cfg.data,
-        tokenizer=module.backbone.tokenizer,
-        task=module.task,
-        max_length=module.backbone.max_length,
-    )
+    datamodule = build_datamodule(cfg, module)
     datamodule.prepare_data()
     datamodule.setup()
     module.attach_data(datamodule)

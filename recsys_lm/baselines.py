@@ -37,10 +37,13 @@ class Scorer(Protocol):
         """Scores [len(users), n_items]; higher ranks first."""
 
 
-def popularity_scores(item_counts: np.ndarray) -> torch.Tensor:
-    """Training-set interaction counts; ties broken by item index so rankings are stable."""
+def popularity_scores(item_counts: np.ndarray, seed: int = 0) -> torch.Tensor:
+    """Training-set interaction counts; ties broken in a fixed random order (seeded), not by
+    item index: catalogues often number items by release or popularity, and an index order
+    would leak that to items never seen in training (a cold-start split)."""
     counts = torch.as_tensor(item_counts, dtype=torch.float64)
-    return counts - torch.arange(len(counts), dtype=torch.float64) / (10 * len(counts))
+    generator = torch.Generator().manual_seed(seed)
+    return counts + 0.5 * torch.rand(len(counts), generator=generator, dtype=torch.float64)
 
 
 class ItemScores:
@@ -108,8 +111,10 @@ class ItemKNN:
             (num_items, num_items),
             check_invariants=True,
         ).coalesce()
-        tie_break = popularity_scores(counts.numpy())
-        self.tie_break = 1e-6 * (tie_break - tie_break.min()) / (np.ptp(tie_break.numpy()) + 1)
+        # Popularity rank scaled into [0, 1e-4): far below any similarity sum, yet distinct
+        # in float32 for items similar to nothing in the history (all cold items).
+        rank = popularity_scores(counts.numpy()).argsort().argsort().double()
+        self.tie_break = 1e-4 * rank / num_items
 
     def __call__(self, users: Sequence[int], histories: Sequence[list[int]]) -> torch.Tensor:
         seen = torch.zeros((self.num_items, len(histories)), dtype=torch.float64)

@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from recsys_lm.baselines import run_baselines
 from recsys_lm.errors import ConfigError, RecsysLMError
-from recsys_lm.models.export import build_module, save_model
+from recsys_lm.models.export import build_datamodule, build_module, save_model
 from recsys_lm.models.module import count_parameters
 from recsys_lm.report import print_summary
 
@@ -54,13 +54,7 @@ def train(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     module = build_module(cfg)
-    datamodule = instantiate(
-        cfg.data,
-        tokenizer=module.backbone.tokenizer,
-        task=module.task,
-        max_length=module.backbone.max_length,
-        _recursive_=True,
-    )
+    datamodule = build_datamodule(cfg, module)
     datamodule.prepare_data()
     datamodule.setup("fit")
     module.attach_data(datamodule)

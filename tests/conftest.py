@@ -11,6 +11,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
 from recsys_lm.models.backbone import build_tiny_bert
+from recsys_lm.models.export import build_datamodule
 from recsys_lm.train import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +43,30 @@ def make_config(
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
     return cfg
+
+
+def train_and_keep(config, monkeypatch, overrides: list[str], **kw):
+    """Train through `recsys_lm.train.train`; returns (result, cfg, the trained module), the
+    module caught on its way into `save_model`."""
+    import recsys_lm.train as entry
+
+    captured = {}
+    original = entry.save_model
+
+    def spy(module, cfg, directory):
+        captured["module"] = module
+        return original(module, cfg, directory)
+
+    monkeypatch.setattr(entry, "save_model", spy)
+    cfg = config(overrides, **kw)
+    return entry.train(cfg), cfg, captured["module"]
+
+
+def fresh_datamodule(cfg, module):
+    """A set-up datamodule for `cfg`, tokenizing like `module`'s backbone."""
+    datamodule = build_datamodule(cfg, module)
+    datamodule.setup()
+    return datamodule
 
 
 @pytest.fixture(scope="session")

@@ -112,17 +112,7 @@ class ClickSet(Dataset):
         ]
 
     def collate(self, rows) -> PairBatch:
-        pairs = [self.cache.pair(h, i, self.budget) for _, h, i, _ in rows]
-        input_ids, mask = pad([ids for ids, _ in pairs], self.cache.pad_id)
-        token_types, _ = pad([types for _, types in pairs], 0)
-        return PairBatch(
-            input_ids=input_ids,
-            attention_mask=mask,
-            token_type_ids=token_types,
-            labels=torch.tensor([r[3] for r in rows], dtype=torch.float32),
-            user_index=torch.tensor([r[0] for r in rows]),
-            item_index=torch.tensor([r[2] for r in rows]),
-        )
+        return pair_batch(rows, self.cache, self.budget, torch.float32)
 
     @property
     def item_index(self) -> np.ndarray:
@@ -131,6 +121,22 @@ class ClickSet(Dataset):
     @property
     def labels(self) -> np.ndarray:
         return np.array([r[3] for r in self.rows])
+
+
+def pair_batch(rows, cache: TokenCache, budget: int, label_dtype: torch.dtype) -> PairBatch:
+    """Cross-encoder batch of (user, history, item, label) rows: "history [SEP] item" (with
+    the prompt's words, if any), dynamically padded."""
+    pairs = [cache.pair(h, i, budget) for _, h, i, _ in rows]
+    input_ids, mask = pad([ids for ids, _ in pairs], cache.pad_id)
+    token_types, _ = pad([types for _, types in pairs], 0)
+    return PairBatch(
+        input_ids=input_ids,
+        attention_mask=mask,
+        token_type_ids=token_types,
+        labels=torch.tensor([r[3] for r in rows], dtype=label_dtype),
+        user_index=torch.tensor([r[0] for r in rows]),
+        item_index=torch.tensor([r[2] for r in rows]),
+    )
 
 
 class TwoTowerSet(Dataset):

@@ -20,7 +20,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from recsys_lm.data.batches import PairBatch, pad
+from recsys_lm.data.batches import PairBatch
+from recsys_lm.data.examples import pair_batch
 from recsys_lm.data.split import PARTS, Split
 from recsys_lm.data.text import TokenCache
 from recsys_lm.errors import ConfigError
@@ -245,17 +246,4 @@ class PointSet(Dataset):
         ]
 
     def collate(self, rows) -> PairBatch:
-        pairs = [
-            self.cache.layout.pair(self.cache.history(h, self.budget), self.cache.item_ids[i])
-            for _, h, i, _ in rows
-        ]
-        input_ids, mask = pad([ids for ids, _ in pairs], self.cache.pad_id)
-        token_types, _ = pad([types for _, types in pairs], 0)
-        return PairBatch(
-            input_ids=input_ids,
-            attention_mask=mask,
-            token_type_ids=token_types,
-            labels=torch.tensor([r[3] for r in rows], dtype=self.targets.dtype),
-            user_index=torch.tensor([r[0] for r in rows]),
-            item_index=torch.tensor([r[2] for r in rows]),
-        )
+        return pair_batch(rows, self.cache, self.budget, self.targets.dtype)

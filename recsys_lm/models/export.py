@@ -31,6 +31,17 @@ def build_module(cfg: DictConfig) -> RecsysLM:
     )
 
 
+def build_datamodule(cfg: DictConfig, module: RecsysLM):
+    """The configured RecDataModule, tokenizing with the module's backbone for its head's task."""
+    return instantiate(
+        cfg.data,
+        tokenizer=module.backbone.tokenizer,
+        task=module.task,
+        max_length=module.backbone.max_length,
+        _recursive_=True,
+    )
+
+
 def save_model(module: RecsysLM, cfg: DictConfig, directory: str | Path) -> Path:
     """Everything needed to rebuild the model: the model config, the weights that trained
     (adapters, biases, head, ...), and for PEFT runs a standard `save_pretrained` adapter."""

@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from recsys_lm.models.export import build_module, load_model
-from recsys_lm.train import train
+from tests.conftest import fresh_datamodule, train_and_keep
 
 
 def scores(module, datamodule):
@@ -34,33 +34,14 @@ def scores(module, datamodule):
     ],
 )
 def test_saved_model_reloads_to_identical_scores(config, tmp_path, head, peft, freeze, monkeypatch):
-    captured = {}
-    import recsys_lm.train as entry
-
-    original = entry.save_model
-
-    def spy(module, cfg, directory):
-        captured["module"] = module
-        return original(module, cfg, directory)
-
-    monkeypatch.setattr(entry, "save_model", spy)
-    cfg = config([f"head={head}", f"peft={peft}", f"freeze={freeze}", "optim.lr=1e-2"])
-    result = train(cfg)
+    overrides = [f"head={head}", f"peft={peft}", f"freeze={freeze}", "optim.lr=1e-2"]
+    result, cfg, trained = train_and_keep(config, monkeypatch, overrides)
     model_dir = tmp_path / "model"
     assert result["model_dir"] == str(model_dir)
     if peft != "none":
         assert (model_dir / "adapter" / "adapter_config.json").exists()
-
-    from hydra.utils import instantiate
-
-    trained = captured["module"].cpu()
-    datamodule = instantiate(
-        cfg.data,
-        tokenizer=trained.backbone.tokenizer,
-        task=trained.task,
-        max_length=trained.backbone.max_length,
-    )
-    datamodule.setup()
+    trained = trained.cpu()
+    datamodule = fresh_datamodule(cfg, trained)
     reloaded = load_model(model_dir)
     expected, actual = scores(trained, datamodule), scores(reloaded, datamodule)
     assert torch.allclose(expected, actual, atol=1e-6)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from recsys_lm.data.batches import ItemBatch, SequenceBatch
+from recsys_lm.data.batches import SequenceBatch
 from recsys_lm.data.sequences import IGNORE
 from recsys_lm.errors import ConfigError
 from recsys_lm.metrics import RankingMetrics
@@ -230,17 +230,6 @@ class SequentialHead(nn.Module):
         scores = self.score_catalogue(
             None, SequenceBatch(items, torch.ones_like(items, dtype=torch.bool))
         )[0]
-        scores[items[0]] = float("-inf")
+        scores[torch.as_tensor(history, device=scores.device)] = float("-inf")  # all of it
         top = scores.topk(k)
         return top.indices.tolist(), top.values.tolist()
-
-
-def item_batches(num_items: int, batch_size: int, cache) -> list[ItemBatch]:
-    """The catalogue's token batches without a datamodule (baselines, tests)."""
-    from recsys_lm.data.examples import ItemSet
-
-    items = ItemSet(num_items, cache)
-    return [
-        items.collate(list(range(s, min(s + batch_size, num_items))))
-        for s in range(0, num_items, batch_size)
-    ]

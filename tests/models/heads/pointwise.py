@@ -6,34 +6,10 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from hydra.utils import instantiate
 
-import recsys_lm.train as entry
+from tests.conftest import fresh_datamodule, train_and_keep
 
-
-def train_and_keep(config, monkeypatch, overrides: list[str], **kw):
-    """Train through `recsys_lm.train.train`; returns (result, cfg, the trained module)."""
-    captured = {}
-    original = entry.save_model
-
-    def spy(module, cfg, directory):
-        captured["module"] = module
-        return original(module, cfg, directory)
-
-    monkeypatch.setattr(entry, "save_model", spy)
-    cfg = config(overrides, **kw)
-    return entry.train(cfg), cfg, captured["module"]
-
-
-def fresh_datamodule(cfg, module):
-    datamodule = instantiate(
-        cfg.data,
-        tokenizer=module.backbone.tokenizer,
-        task=module.task,
-        max_length=module.backbone.max_length,
-    )
-    datamodule.setup()
-    return datamodule
+__all__ = ["fresh_datamodule", "predictions", "train_and_keep"]
 
 
 def predictions(module, datamodule) -> torch.Tensor:

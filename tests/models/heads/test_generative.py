@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from torch.nn import functional as F
 
 from recsys_lm.data.batches import CandidateBatch, LMBatch, PairBatch
@@ -12,6 +11,7 @@ from recsys_lm.errors import ConfigError
 from recsys_lm.models.export import build_module, load_model
 from recsys_lm.models.heads.generative import GenerativeClickHead
 from recsys_lm.train import train
+from tests.conftest import TINY, fresh_datamodule, train_and_keep
 
 GPT2 = ["backbone=tiny_gpt2", "data.eval_negatives=4"]  # 5 candidates per user: fast LM scoring
 
@@ -20,14 +20,7 @@ def built(config, overrides):
     """(module, set-up datamodule) for a composed config, without training."""
     cfg = config([*GPT2, *overrides])
     module = build_module(cfg).eval()
-    dm = instantiate(
-        cfg.data,
-        tokenizer=module.backbone.tokenizer,
-        task=module.task,
-        max_length=module.backbone.max_length,
-    )
-    dm.setup()
-    return module, dm
+    return module, fresh_datamodule(cfg, module)
 
 
 def unpadded_logits(module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -144,27 +137,11 @@ def test_lm_training_loss_matches_transformers_own_shifted_loss(config):
 def test_saved_generative_model_reloads_to_identical_scores(
     config, tmp_path, head, peft, monkeypatch
 ):
-    import recsys_lm.train as entry
-
-    captured = {}
-    original = entry.save_model
-
-    def spy(module, cfg, directory):
-        captured["module"] = module
-        return original(module, cfg, directory)
-
-    monkeypatch.setattr(entry, "save_model", spy)
-    cfg = config([*GPT2, f"head={head}", f"peft={peft}", "optim.lr=1e-2"])
-    train(cfg)
+    cfg_overrides = [*GPT2, f"head={head}", f"peft={peft}", "optim.lr=1e-2"]
+    _, cfg, trained = train_and_keep(config, monkeypatch, cfg_overrides)
     assert (tmp_path / "model" / "adapter" / "adapter_config.json").exists()
-    trained = captured["module"].cpu().eval()
-    dm = instantiate(
-        cfg.data,
-        tokenizer=trained.backbone.tokenizer,
-        task=trained.task,
-        max_length=trained.backbone.max_length,
-    )
-    dm.setup()
+    trained = trained.cpu().eval()
+    dm = fresh_datamodule(cfg, trained)
     batch = next(iter(dm.test_dataloader()))
     reloaded = load_model(tmp_path / "model")
     with torch.no_grad():
@@ -205,3 +182,29 @@ def test_full_ranking_is_refused_for_generative_ranking(tokenizer):
 
     with pytest.raises(ConfigError, match="data.eval_mode.*n_items passes per user"):
         RecDataModule(SampleSource(), tokenizer, "generative_ranking", eval_mode="full")
+
+
+@pytest.mark.real_data
+def test_generative_ranking_on_movielens_100k(config, ml100k_root, tmp_path):
+    """Next-title log-likelihood ranking on MovieLens-100K: a few LM steps, then every user's
+    held-out movie among 4 sampled ones, scored by the decoder."""
+    result = train(
+        config(
+            [
+                *TINY,
+                *GPT2,
+                "head=generative_rank",
+                "data=movielens_100k",
+                f"data.root={ml100k_root}",
+                f"data.cache_dir={tmp_path / 'cache'}",
+                "data.eval_batch_size=16",
+                "+trainer.limit_test_batches=2",  # 32 users: the path, not the figure
+                "export_model=false",
+            ],
+            fast=False,
+        )
+    )
+    assert result["protocol"]["eval_mode"] == "sampled-4"
+    assert result["protocol"]["eval_users"]["test"] == 943
+    assert 0.0 <= result["test"]["ndcg@10"] <= 1.0
+    assert "popularity" in result["baselines"]

@@ -16,7 +16,7 @@ from recsys_lm.models.export import load_model
 from recsys_lm.models.heads.sequential import CausalEncoder, SequentialHead
 from recsys_lm.models.id_sasrec import IDSASRec
 from recsys_lm.train import train
-from tests.conftest import TINY
+from tests.conftest import TINY, fresh_datamodule
 
 CACHED = ["peft=none", "freeze=head_only", "head.net.item_embeddings=cached"]
 
@@ -90,13 +90,7 @@ def test_trains_evaluates_and_reloads(config, tmp_path, backbone, overrides):
     assert saved["test"] == result["test"]
 
     reloaded = load_model(tmp_path / "model")
-    datamodule = instantiate(
-        cfg.data,
-        tokenizer=reloaded.backbone.tokenizer,
-        task="sequential",
-        max_length=reloaded.backbone.max_length,
-    )
-    datamodule.setup()
+    datamodule = fresh_datamodule(cfg, reloaded)
     batch = next(iter(datamodule.test_dataloader()))
     with torch.no_grad():
         # The exported head carries its item table: no backbone pass is needed to serve.
