@@ -61,19 +61,22 @@ def click_dataset(dm: RecDataModule, stage: str) -> Dataset:
     return rows.subset(dm.max_samples[stage], dm.seed + STAGE_SEEDS[stage])
 
 
+def ranking_candidates(dm: RecDataModule) -> dict:
+    """What a ranking evaluation ranks: the catalogue (or its cold items, data.eval_items),
+    or the held-out items plus sampled negatives (data.eval_mode=sampled)."""
+    return {
+        "sampler": dm.sampler if dm.eval_mode == "sampled" else None,
+        "negatives": dm.eval_negatives,
+        "seed": dm.seed,
+        "rank_items": dm.rank_items(),
+    }
+
+
 def retrieval_dataset(dm: RecDataModule, stage: str) -> Dataset:
     if stage == "train":
         return TwoTowerSet(dm.split, dm.cache, dm.max_history_tokens)
     return RankingSet(
-        dm.split,
-        stage,
-        dm.num_items,
-        dm.cache,
-        dm.max_history_tokens,
-        dm.sampler if dm.eval_mode == "sampled" else None,
-        dm.eval_negatives,
-        dm.seed,
-        dm.rank_items(),
+        dm.split, stage, dm.num_items, dm.cache, dm.max_history_tokens, **ranking_candidates(dm)
     )
 
 
@@ -81,14 +84,7 @@ def sequential_dataset(dm: RecDataModule, stage: str) -> Dataset:
     if stage == "train":
         return SequenceSet(dm.split, dm.max_sequence_length, dm.cache)
     return SequenceRankingSet(
-        dm.split,
-        stage,
-        dm.num_items,
-        dm.max_sequence_length,
-        sampler=dm.sampler if dm.eval_mode == "sampled" else None,
-        negatives=dm.eval_negatives,
-        seed=dm.seed,
-        rank_items=dm.rank_items(),
+        dm.split, stage, dm.num_items, dm.max_sequence_length, **ranking_candidates(dm)
     )
 
 
