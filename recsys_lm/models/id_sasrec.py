@@ -14,8 +14,10 @@ import logging
 from collections.abc import Sequence
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.utils.data import DataLoader
 
+from recsys_lm.data.batches import SequenceBatch
 from recsys_lm.data.sequences import SequenceSet, left_pad
 from recsys_lm.errors import ConfigError
 from recsys_lm.models.heads.sequential import SequentialHead
@@ -77,9 +79,7 @@ class IDSASRec:
         for epoch in range(1, max_epochs + 1):
             self.model.train()
             for batch in loader:
-                batch.items, batch.mask = batch.items.to(self.device), batch.mask.to(self.device)
-                batch.targets = batch.targets.to(self.device)
-                loss = self.model.loss(None, batch)
+                loss = self.model.loss(None, move_data_to_device(batch, self.device))
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -104,7 +104,8 @@ class IDSASRec:
         was_training = self.model.training
         self.model.eval()
         items, mask = left_pad([list(h)[-self.max_len :] for h in histories])
-        table = self.model.table()
-        state = self.model.encoder(table[items.to(self.device)], mask.to(self.device))[:, -1]
+        self.model.index_catalogue(None, [])  # ID vectors as they are now (also mid-training)
+        batch = move_data_to_device(SequenceBatch(items, mask), self.device)
+        scores = self.model.score_catalogue(None, batch)
         self.model.train(was_training)
-        return (state @ table.T).float().cpu()
+        return scores.float().cpu()

@@ -82,9 +82,8 @@ class RecsysLM(L.LightningModule):
             self.head.check_backbone(self.backbone)
 
     def on_fit_start(self) -> None:
-        # Cached item embeddings are computed once, on the training device, before step one.
-        if getattr(self.head, "mode", None) == "cached" and hasattr(self.head, "cache_items"):
-            self.head.cache_items(self.backbone, self._item_batches())
+        if hasattr(self.head, "on_fit_start"):  # e.g. item embeddings cached before training
+            self.head.on_fit_start(self.backbone, self._item_batches())
 
     # -- training ---------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:

@@ -148,6 +148,11 @@ class SequentialHead(nn.Module):
             parts.append(backbone(batch.item_ids, batch.item_mask).float())
         return torch.cat(parts)
 
+    def on_fit_start(self, backbone: Backbone, batches) -> None:
+        """Cached mode embeds the catalogue once, on the training device, before step one."""
+        if self.mode == "cached":
+            self.cache_items(backbone, batches)
+
     def cache_items(self, backbone: Backbone, batches) -> None:
         """Compute the text table once (cached mode); a no-op when nothing reads text."""
         if self.text:
@@ -210,15 +215,13 @@ class SequentialHead(nn.Module):
         self._eval_table = self.table()
         return self._eval_table
 
-    def user_state(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The last position's state [B, d]: the user's next-item query."""
-        table = self._eval_table if self._eval_table is not None else self.table()
-        return self.encoder(table[items], mask)[:, -1]
-
     def score_catalogue(self, backbone: Backbone | None, batch: SequenceBatch) -> torch.Tensor:
+        """Scores [B, n_items]: the last position's state (the user's next-item query)
+        against the vectors `index_catalogue` computed."""
         if self._eval_table is None:
             raise RuntimeError("index_catalogue() must run before scoring users")
-        return self.user_state(batch.items, batch.mask) @ self._eval_table.T
+        state = self.encoder(self._eval_table[batch.items], batch.mask)[:, -1]
+        return state @ self._eval_table.T
 
     def evaluate(self, backbone, batch: SequenceBatch, metrics: RankingMetrics) -> None:
         metrics.update(self.score_catalogue(backbone, batch), batch.relevant, batch.exclude)
