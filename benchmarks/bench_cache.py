@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from recsys_lm.data.cache import CachedSource
-from recsys_lm.data.movielens import MovieLens100K
+from recsys_lm.data.sources.movielens import MovieLens100K
 
 TARGET = 10.0
 CASES = ("parse only (no cache)", "first load (parse+hash+write)", "cached load", "cached, re-hash")

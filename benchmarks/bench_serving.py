@@ -28,7 +28,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
-from recsys_lm.models.export import build_datamodule, build_module
+from recsys_lm.build import build_datamodule, build_module
 from recsys_lm.train import CONFIG_DIR
 
 CANDIDATES = 100  # click: the held-out item + 99 sampled
@@ -50,8 +50,8 @@ def setup(head: str, data: list[str], device: torch.device):
     datamodule = build_datamodule(cfg, module)
     datamodule.prepare_data()
     datamodule.setup()
-    module.attach_data(datamodule)
-    return module.to(device).eval(), datamodule
+    module.attach(datamodule.data)
+    return module.to(device).eval(), datamodule.data
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -72,9 +72,10 @@ def main() -> int:
     sequential, seq_data = setup("sequential", data, device)
     click, click_data = setup("click", data, device)
     with torch.no_grad():
-        batches = (move_data_to_device(b, device) for b in seq_data.item_dataloader())
+        catalogue = sequential.head.require_catalogue()
+        batches = (move_data_to_device(b, device) for b in catalogue.item_batches(128))
         sequential.head.cache_items(sequential.backbone, batches)  # offline, once
-        sequential.head.index_catalogue(None, [])
+        sequential.head.on_eval_start(None, [])
 
     histories = seq_data.datasets["test"]
     pairs = click_data.datasets["test"]  # rows: one user's positive then its 99 negatives
@@ -83,12 +84,12 @@ def main() -> int:
 
     def serve_sequential(u: int) -> None:
         _, history, _ = histories[u]
-        sequential.head.recommend(history, k=10)
+        sequential.head.recommend(None, history, k=10)
 
     def serve_click(u: int) -> None:
         rows = [pairs[i] for i in range(u * CANDIDATES, (u + 1) * CANDIDATES)]
         batch = move_data_to_device(pairs.collate(rows), device)
-        scores = torch.sigmoid(click.head(click.backbone, batch))
+        scores = click.head(click.backbone, batch)  # P(click) per candidate
         scores.topk(10)
 
     with torch.no_grad():

@@ -31,15 +31,18 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from peft import LoraConfig
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader, Dataset
 
 from recsys_lm.data.datamodule import RecDataModule
-from recsys_lm.data.examples import ClickSet
-from recsys_lm.data.movielens import MovieLens100K
-from recsys_lm.data.sample import SampleSource
+from recsys_lm.data.datasets.examples import ClickSet
+from recsys_lm.data.settings import data_settings
+from recsys_lm.data.sources.movielens import MovieLens100K
+from recsys_lm.data.sources.sample import SampleSource
+from recsys_lm.data.tasks import get_task
 from recsys_lm.data.text import render
 from recsys_lm.models.backbone import Backbone, build_tiny_bert, load_pretrained
 from recsys_lm.models.heads.click import ClickHead
@@ -138,21 +141,24 @@ def data_module(args, tokenizer, scratch: str) -> RecDataModule:
         print(f"note: no movielens-100k/ under {args.root}; using the built-in sample data")
         source = SampleSource(flavour="video")
         item_template = "{title}. Genres: {genres}. Director: {director}."
+    settings = {
+        "eval_mode": "sampled",
+        "item_template": item_template,
+        "history_template": "{title}",
+        "batch_size": args.batch_size,
+        "length_grouping": True,
+        "max_history_tokens": 96,
+        "max_item_tokens": 28,
+        "seed": args.seed,
+        "use_cache": True,
+        "cache_dir": scratch,
+    }
     dm = RecDataModule(
         source,
+        data_settings(OmegaConf.create(settings)),
+        get_task("click"),
         tokenizer,
-        task="click",
-        eval_mode="sampled",
-        item_template=item_template,
-        history_template="{title}",
-        batch_size=args.batch_size,
-        length_grouping=True,
-        max_history_tokens=96,
-        max_item_tokens=28,
-        max_length=MAX_LENGTH,
-        seed=args.seed,
-        use_cache=True,
-        cache_dir=scratch,
+        MAX_LENGTH,
     )
     dm.prepare_data()
     dm.setup()
@@ -174,7 +180,7 @@ def main() -> None:
         dm = data_module(args, tokenizer, scratch)
     # A seeded random sample of the training rows: the first rows in order all belong to one
     # user, whose history lengths would not represent the data set.
-    rows = dm.datasets["train"].rows
+    rows = dm.data.datasets["train"].rows
     need = (args.steps + WARMUP) * args.batch_size
     if need > len(rows):
         raise SystemExit(f"--steps/--batch-size need {need} rows; the data has {len(rows)}")
@@ -182,16 +188,16 @@ def main() -> None:
     timed, warm = chosen[: args.steps * args.batch_size], chosen[args.steps * args.batch_size :]
 
     # Naive texts come from the same rendered item table the framework tokenizes.
-    items = dm.data.items.reset_index(drop=True)
-    item_texts = render(items, dm.item_template, "data.item_template")
-    history_texts = render(items, dm.history_template, "data.history_template")
+    items = dm.data.data.items.reset_index(drop=True)
+    item_texts = render(items, dm.settings.item_template, "data.item_template")
+    history_texts = render(items, dm.settings.history_template, "data.history_template")
 
     def naive(rows: list[Row]) -> DataLoader:
         dataset = NaiveClickSet(rows, item_texts, history_texts, tokenizer)
         return DataLoader(dataset, batch_size=args.batch_size, num_workers=0)  # rows are shuffled
 
     def framework(rows: list[Row]) -> DataLoader:
-        dm.datasets["train"] = ClickSet(rows, dm.cache, dm.max_history_tokens)
+        dm.data.datasets["train"] = ClickSet(rows, dm.data.tokens, dm.settings.max_history_tokens)
         return dm.train_dataloader()
 
     results: dict[tuple[str, str], Result] = {}

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy, MulticlassF1Score
 from torchmetrics.retrieval import RetrievalHitRate, RetrievalMRR, RetrievalNormalizedDCG
+
+
+class Metrics(Protocol):
+    """What a task's metric set offers (each also has an `update` with the task's inputs)."""
+
+    def compute(self) -> dict[str, float]: ...
+
+    def reset(self) -> None: ...
 
 
 class ClickMetrics(nn.Module):
@@ -121,18 +129,3 @@ class BehaviourMetrics(nn.Module):
     def reset(self) -> None:
         if self.metrics is not None:
             self.metrics.reset()
-
-
-# Which metrics each task reports (keys are `head.task` values); each takes the cut-off k.
-METRICS: dict[str, Callable[[int], nn.Module]] = {
-    "click": lambda k: ClickMetrics(),
-    "retrieval": RankingMetrics,
-    "generative_ranking": RankingMetrics,  # candidates' title log-likelihoods, sampled mode
-    "sequential": RankingMetrics,
-    "rating": lambda k: RatingMetrics(),
-    "behaviour": lambda k: BehaviourMetrics(),
-}
-
-
-def build_metrics(task: str, k: int) -> nn.Module:
-    return METRICS[task](k)

@@ -11,9 +11,10 @@ from rich.table import Table
 def print_summary(result: dict, output_dir: Path, console: Console | None = None) -> None:
     console = console or Console()
     protocol = result["protocol"]
+    cut_off = f" | k={protocol['k']}" if "k" in protocol else ""  # pointwise tasks rank nothing
     table = Table(
         title=f"{protocol['dataset']} | {protocol['split']} | eval {protocol['eval_mode']}"
-        f" | k={protocol['k']}",
+        f"{cut_off}",
         title_justify="left",
     )
     table.add_column("model")

@@ -19,8 +19,16 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from recsys_lm.baselines import run_baselines
+from recsys_lm.build import (
+    baseline_names,
+    build_callbacks,
+    build_datamodule,
+    build_loggers,
+    build_module,
+    check_config,
+)
 from recsys_lm.errors import ConfigError, RecsysLMError
-from recsys_lm.models.export import build_datamodule, build_module, save_model
+from recsys_lm.models.export import save_model
 from recsys_lm.models.module import count_parameters
 from recsys_lm.report import print_summary
 
@@ -42,24 +50,21 @@ def check_precision(cfg: DictConfig) -> None:
         )
 
 
-def instantiate_group(cfg: DictConfig, group: str) -> list:
-    """Every entry of a keyed group (callbacks, logger); `~callbacks.<name>` drops one."""
-    return [instantiate(c) for c in (cfg.get(group) or {}).values() if c is not None]
-
-
 def train(cfg: DictConfig) -> dict:
     """Train and evaluate one configuration; returns what is written to metrics.json."""
     started = time.perf_counter()
     check_precision(cfg)
+    checked = check_config(cfg)  # before any data or weights are loaded
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     module = build_module(cfg)
-    datamodule = build_datamodule(cfg, module)
+    datamodule = build_datamodule(cfg, module, checked)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    module.attach_data(datamodule)
+    data = datamodule.data
+    module.attach(data)
     params = count_parameters(module)
-    protocol = datamodule.protocol()
+    protocol = data.protocol()
     log.info(
         "parameters: %s trainable of %s total (%.2f%%)",
         f"{params['trainable']:,}",
@@ -67,7 +72,8 @@ def train(cfg: DictConfig) -> dict:
         100 * params["trainable"] / params["total"],
     )
 
-    callbacks, loggers = instantiate_group(cfg, "callbacks"), instantiate_group(cfg, "logger")
+    loggers = build_loggers(cfg)
+    callbacks = build_callbacks(cfg, checked.task, logging=bool(loggers))
     for logger in loggers:
         logger.log_hyperparams(
             {
@@ -89,7 +95,7 @@ def train(cfg: DictConfig) -> dict:
     val = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
     test = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
     options = OmegaConf.to_container(cfg.get("baseline_options") or {}, resolve=True)
-    baselines = run_baselines(datamodule, list(cfg.baselines), options)
+    baselines = run_baselines(data, baseline_names(cfg, checked.task), options)
     eval_s = time.perf_counter() - eval_start
 
     result = {
@@ -107,12 +113,13 @@ def train(cfg: DictConfig) -> dict:
         },
         "checkpoint": best,
         "run": {
-            "head": cfg.head.task,
+            "head": checked.task.name,
             "peft": cfg.peft.name,
             "freeze": get_class(cfg.freeze._target_).name,
             "backbone": cfg.backbone.get("name_or_path", cfg.backbone._target_),
             "precision": str(cfg.trainer.precision),
             "seed": cfg.seed,
+            "tags": list(cfg.get("tags") or []),
         },
     }
     if cfg.get("export_model"):
@@ -145,15 +152,26 @@ def _finish_wandb(loggers: list) -> None:
         wandb.finish()
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+USER_ERRORS = (RecsysLMError, InstantiationException, OmegaConfBaseException)
+
+
+def run(cfg: DictConfig) -> dict | int:
+    """`train(cfg)`, with a user's mistake (a bad key, value, path or combination) reported
+    as one `error: ...` line on stderr and exit status 2 instead of a traceback."""
     try:
-        result = train(cfg)
-    except (RecsysLMError, InstantiationException, OmegaConfBaseException) as err:
+        return train(cfg)
+    except USER_ERRORS as err:
         cause = err.__cause__ if isinstance(err.__cause__, RecsysLMError) else err
         print(f"error: {cause}", file=sys.stderr)
-        sys.exit(2)
-    monitor = cfg.head.monitor
+        return 2
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    result = run(cfg)
+    if isinstance(result, int):
+        sys.exit(result)
+    monitor = result["protocol"]["monitor"].removeprefix("val/")
     value = result["val"].get(monitor)
     if HydraConfig.get().mode.name == "MULTIRUN":
         log.info("job finished: val/%s = %s", monitor, value)

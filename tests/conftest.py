@@ -6,15 +6,24 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from recsys_lm.build import build_datamodule
+from recsys_lm.data.datamodule import RecDataModule
+from recsys_lm.data.settings import data_settings
+from recsys_lm.data.sources.sample import SampleSource
+from recsys_lm.data.tasks import get_task
 from recsys_lm.models.backbone import build_tiny_bert
-from recsys_lm.models.export import build_datamodule
 from recsys_lm.train import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One pytest-xdist worker per core (pyproject.toml): a second torch thread per worker
+    # would oversubscribe the cores (measured: 198 s instead of 107 s on 2 cores).
+    torch.set_num_threads(1)
 # Tiny everything: seconds per run on 2 CPU cores.
 TINY = [
     "backbone=tiny_bert",
@@ -24,7 +33,9 @@ TINY = [
     "trainer.limit_val_batches=2",
     "trainer.log_every_n_steps=1",
     "data.batch_size=8",
-    "logger=csv",
+    # No logger: the CSV logger rewrites hparams.yaml (the whole config) on every
+    # log_hyperparams call, a quarter of a tiny run. Tests that read the CSV ask for it.
+    "logger=none",
 ]
 FAST = [
     *TINY,
@@ -67,6 +78,67 @@ def fresh_datamodule(cfg, module):
     datamodule = build_datamodule(cfg, module)
     datamodule.setup()
     return datamodule
+
+
+def make_datamodule(
+    tokenizer, task: str, source=None, max_length: int = 128, **settings
+) -> RecDataModule:
+    """A set-up RecDataModule over `source` (default: a 30-user sample) for `task`, with
+    `data.*` settings given as keywords (nested ones as dicts: split={"method": ...}); the
+    token and Parquet caches go to the session's cache folder unless `cache_dir` is given."""
+    values = {"cache_dir": os.environ.get("RECSYS_LM_CACHE", "~/.cache/recsys_lm"), **settings}
+    datamodule = RecDataModule(
+        source or SampleSource(num_users=30, num_items=50),
+        data_settings(OmegaConf.create(values)),
+        get_task(task),
+        tokenizer,
+        max_length,
+    )
+    datamodule.setup()
+    return datamodule
+
+
+def assert_ranking_metrics(metrics: dict, k: int, one_relevant: bool = True) -> None:
+    """Relations every ranking evaluation satisfies, whatever the model: each fails on a
+    mislabelled, mis-cut or empty metric. With one relevant item per user (leave-one-out),
+    NDCG@k lies between MRR@k and HR@k (1/r <= 1/log2(r + 1) <= 1 for a hit at rank r)."""
+    hr, ndcg, mrr_k, mrr = (
+        metrics[f"hr@{k}"],
+        metrics[f"ndcg@{k}"],
+        metrics[f"mrr@{k}"],
+        metrics["mrr"],
+    )
+    assert 0.0 <= ndcg <= hr <= 1.0, metrics
+    assert 0.0 <= mrr_k <= mrr <= 1.0, metrics
+    assert mrr > 0.0, metrics  # every evaluated user's item has some rank
+    if one_relevant:
+        assert mrr_k <= ndcg + 1e-6, metrics
+
+
+def recomputed_auroc(module, datamodule) -> float:
+    """AUROC of the module's click probabilities on the test set, by Mann-Whitney: the share
+    of (positive, negative) pairs ordered right, ties counting one half."""
+    module.eval()
+    scores, labels = [], []
+    with torch.no_grad():
+        for batch in datamodule.test_dataloader():
+            scores.append(module.head(module.backbone, batch).float())
+            labels.append(batch.labels.float())
+    s, y = torch.cat(scores), torch.cat(labels)
+    pos, neg = s[y > 0.5], s[y <= 0.5]
+    wins = (pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()
+    return float(wins.mean())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Parquet and token caches of this test session live in a temporary folder, never in
+    the user's ~/.cache (paths.cache_dir reads RECSYS_LM_CACHE)."""
+    folder = tmp_path_factory.mktemp("recsys_lm_cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("RECSYS_LM_CACHE", str(folder))
+    yield folder
+    patch.undo()
 
 
 @pytest.fixture(scope="session")

@@ -1,12 +1,13 @@
 """A cache of a source's canonical form: parse once, then read Parquet.
 
 `CachedSource(source, cache_dir).load()` keys an entry by sha256 over
-  * the source's class (module + qualname) and the sha256 of the module file that defines it
-    and of every module of recsys_lm.data (editing a parser, a shared reader or the canonical
-    rules invalidates entries),
-  * the source's preprocessing config: its dataclass fields except root/cache_dir/download,
-  * the sha256 of every raw file the source reads (`source.raw_files()`), in order,
-  * the cache format version,
+  * the cache format version and the canonical form's version (`canonical.VERSION`),
+  * the source's class (module + qualname) and its `parser_version` (a class attribute the
+    source bumps when its parser's output changes; code files are not hashed, so editing a
+    pipeline module or a comment never invalidates a cache),
+  * the source's settings: its dataclass fields except root/cache_dir/download,
+  * the sha256 of every raw file the source reads (`source.raw_files()`), in order; a
+    generated source returns [] and is keyed by its settings alone,
 and stores every DataFrame of the CanonicalData as Parquet plus meta.json (name, dropped, the
 key inputs, created time) in `<cache_dir>/canonical/<name>-<key[:16]>/`. Entries are written
 into a temporary folder and renamed into place, so a crash never leaves a half entry under the
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -38,9 +38,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from recsys_lm.data.canonical import VERSION as CANONICAL_VERSION
 from recsys_lm.data.canonical import CanonicalData
 from recsys_lm.data.download import file_digest
-from recsys_lm.errors import RecsysLMError
+from recsys_lm.errors import ConfigError, RecsysLMError
 
 log = logging.getLogger(__name__)
 FORMAT = 1  # bump when the entry layout changes: old entries then miss instead of misreading
@@ -71,9 +72,11 @@ class CachedSource:
         self.source.prepare()
 
     def load(self) -> CanonicalData:
-        files = self._raw_files() if self.enabled else None
-        if files is None:
+        if not self.enabled:
             return self.source.load()
+        files = self._raw_files()
+        if not all(f.is_file() for f in files):
+            return self.source.load()  # it raises the error that names the missing file
         inputs = self.key_inputs(files)
         key = key_of(inputs)
         entry = self.folder / f"{_safe(self.name)}-{key[:16]}"
@@ -85,18 +88,16 @@ class CachedSource:
 
     def key(self) -> str:
         """The entry key for the source as it is now (tests, tooling)."""
-        files = self._raw_files()
-        if files is None:
-            raise ValueError(f"{type(self.source).__name__} has no raw_files(): not cacheable")
-        return key_of(self.key_inputs(files))
+        return key_of(self.key_inputs(self._raw_files()))
 
     def key_inputs(self, files: list[Path]) -> dict[str, Any]:
         digests = Digests(self.folder / "digests.json", self.memo)
         source_type = type(self.source)
         inputs = {
             "format": FORMAT,
+            "canonical": CANONICAL_VERSION,
             "source": f"{source_type.__module__}.{source_type.__qualname__}",
-            "code": _code_digests(source_type, digests),
+            "parser_version": self._parser_version(),
             "config": config_of(self.source),
             # Names, not full paths: moving data.root does not invalidate the cache.
             "files": [[file.name, digests.of(file)] for file in files],
@@ -104,46 +105,36 @@ class CachedSource:
         digests.save()
         return inputs
 
-    def _raw_files(self) -> list[Path] | None:
-        """The files to hash, or None to bypass the cache (a log line says why)."""
+    def _raw_files(self) -> list[Path]:
+        """The files to hash; a source that cannot list them cannot be cached honestly."""
         if not callable(getattr(self.source, "raw_files", None)):
-            log.info("%s has no raw_files(): loading without the cache", type(self.source).__name__)
-            return None
-        files = [Path(f) for f in self.source.raw_files()]
-        if not all(f.is_file() for f in files):
-            return None  # source.load() raises the error that names the missing file
-        return files
+            raise ConfigError(
+                "data.use_cache",
+                True,
+                f"a source with raw_files() (see recsys_lm/data/sources/base.py); "
+                f"{_class_name(self.source)} has none: add it, or set data.use_cache=false",
+            )
+        return [Path(f) for f in self.source.raw_files()]
+
+    def _parser_version(self) -> int:
+        version = getattr(self.source, "parser_version", None)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ConfigError(
+                "data.use_cache",
+                True,
+                f"a source with an integer class attribute parser_version; "
+                f"{_class_name(self.source)} has {version!r}",
+            )
+        return version
 
 
 def key_of(inputs: dict[str, Any]) -> str:
     return _sha256(json.dumps(inputs, sort_keys=True).encode())
 
 
-def _code_digests(cls: type, digests: Digests) -> list[list[str]]:
-    """sha256 of the file that defines `cls` and of every module of `recsys_lm.data`: parsers
-    share helpers (readers, markup) and the canonical rules, and an edit to any of them must
-    miss old entries. A class without a file (a REPL's) contributes "unknown".
-
-    Computed once per process: the code that runs is what was imported, whatever happens to
-    the files on disk afterwards."""
-    if cls not in _CODE_DIGESTS:
-        _CODE_DIGESTS[cls] = _hash_code(cls, digests)
-    return _CODE_DIGESTS[cls]
-
-
-_CODE_DIGESTS: dict[type, list[list[str]]] = {}
-
-
-def _hash_code(cls: type, digests: Digests) -> list[list[str]]:
-    package = Path(inspect.getfile(CanonicalData)).parent
-    files = sorted(package.glob("*.py"))
-    try:
-        own = Path(inspect.getfile(cls))
-        files = [own, *(f for f in files if f != own)]
-        head: list[list[str]] = []
-    except (TypeError, OSError):
-        head = [["<no file>", "unknown"]]
-    return head + [[f.name, digests.of(f)] for f in files]
+def _class_name(source: Any) -> str:
+    kind = type(source)
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 def config_of(source: Any) -> dict[str, Any]:
@@ -214,7 +205,7 @@ def read_entry(entry: Path, key: str) -> CanonicalData | None:
 
 def _validated(values: dict[str, Any]) -> CanonicalData:
     """CanonicalData without re-running validate(): the entry held validated data when it was
-    written, and canonical.py's digest is in the key, so the same rules already passed."""
+    written, and canonical.VERSION (bumped when the rules change) is in the key."""
     data = object.__new__(CanonicalData)
     for field in dataclasses.fields(CanonicalData):
         object.__setattr__(data, field.name, values[field.name])  # KeyError: entry is stale

@@ -1,7 +1,11 @@
 """Splitting interactions into train / validation / test, chosen by `data.split.method`.
 
 Every split returns per-user item sequences in time order. Held-out items are lists, so one
-user may have several (temporal and random splits) or exactly one (leave-one-out).
+user may have several (temporal, random and predefined splits) or exactly one (leave-one-out).
+
+`predefined` is the source's own split: the frame's `part` column ("train" | "val" | "test"),
+which a source fills from a split column, separate files or shipped folds (see
+recsys_lm/data/sources/base.py).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from recsys_lm.errors import ConfigError
+from recsys_lm.errors import ConfigError, DataError
 
 
 @dataclass
@@ -59,6 +63,8 @@ class Split:
 
 PARTS = ("train", "val", "test")
 KEY_COLUMNS = ("user", "item", "timestamp")
+# Not per-interaction values for the heads: `part` only says where a row goes.
+NOT_ATTRS = (*KEY_COLUMNS, "part")
 
 
 def _sequences(
@@ -84,7 +90,7 @@ def _from_masks(
     attrs = {
         column: tuple(_sequences(frame, num_users, m, column) for m in masks)
         for column in frame.columns
-        if column not in KEY_COLUMNS
+        if column not in NOT_ATTRS
     }
     return Split(
         *(_sequences(frame, num_users, m) for m in masks), description, attrs=attrs, **extra
@@ -184,11 +190,40 @@ def cold_start(
     )
 
 
+def predefined(frame: pd.DataFrame, num_users: int, **_) -> Split:
+    """The source's own split: each row goes to the part its `part` column names. Users with
+    no val (or test) rows are simply not evaluated on that stage."""
+    if "part" not in frame.columns:
+        raise ConfigError(
+            "data.split.method",
+            "predefined",
+            "a source that provides a split: a `part` column (custom: "
+            "data.source.interactions.split or .files; MovieLens-100K: data.source.fold; "
+            "MIND: data.source.splits=[MINDsmall_train,MINDsmall_dev])",
+        )
+    frame = _ordered(frame)
+    part = frame["part"].to_numpy()
+    unknown = ~np.isin(part, PARTS)
+    if unknown.any():  # canonical data is validated; a frame built elsewhere may not be
+        raise DataError(f"column 'part' holds {part[unknown][0]!r}; expected one of {list(PARTS)}")
+    counts = {p: int((part == p).sum()) for p in PARTS}
+    return _from_masks(
+        frame,
+        num_users,
+        part == "val",
+        part == "test",
+        "predefined by the source ("
+        + ", ".join(f"{p} {n} interactions" for p, n in counts.items())
+        + ")",
+    )
+
+
 SPLITS: dict[str, Callable[..., Split]] = {
     "leave_one_out": leave_one_out,
     "temporal": temporal,
     "random": random_ratio,
     "cold_start": cold_start,
+    "predefined": predefined,
 }
 
 

@@ -1,132 +1,237 @@
-"""Which samples each task needs: one entry per task, read by the DataModule.
+"""The task registry: one `Task` record per task (see recsys_lm.data.task).
 
-A head names its task (`head.task`); the task says how to build the train/val/test datasets
-from a set-up `RecDataModule` and which evaluation modes make sense for it. A new task is one
-builder function plus one row in `TASKS`.
+A head names its task (`Head.task`); everything else about the task lives in its record here.
+Adding a task is one record: a builder for its datasets (from a `PreparedData` and a stage),
+its metrics, eval modes, monitored metric and applicable baselines. `register_task` adds one
+from outside this module (a plugin, a test).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 from torch.utils.data import Dataset
 
-from recsys_lm.data.examples import STAGE_SEEDS, ClickSet, RankingSet, TwoTowerSet
-from recsys_lm.data.generative import CandidateTitleSet, NextTitleSet
-from recsys_lm.data.points import PointSet, Targets, behaviour_targets, rating_targets
-from recsys_lm.data.sequences import SequenceRankingSet, SequenceSet
+from recsys_lm.data.datasets.examples import STAGE_SEEDS, ClickSet, RankingSet, TwoTowerSet
+from recsys_lm.data.datasets.generative import CandidateTitleSet, NextTitleSet
+from recsys_lm.data.datasets.points import PointSet, behaviour_targets, rating_targets
+from recsys_lm.data.datasets.sequences import SequenceRankingSet, SequenceSet
+from recsys_lm.data.prepared import PreparedData
+from recsys_lm.data.task import Task
+from recsys_lm.errors import ConfigError
+from recsys_lm.metrics import BehaviourMetrics, ClickMetrics, RankingMetrics, RatingMetrics
 
-if TYPE_CHECKING:
-    from recsys_lm.data.datamodule import RecDataModule
-
-
-@dataclass(frozen=True)
-class Task:
-    build: Callable[[RecDataModule, str], Dataset]  # (datamodule, "train"|"val"|"test")
-    eval_modes: tuple[str, ...]  # data.eval_mode values this task supports
-    why: str = ""  # said in the error when another eval_mode is asked for
-    # Pointwise tasks: the target space (rating statistics, class names), computed once from
-    # the split before any dataset is built; the DataModule keeps it as `targets`.
-    targets: Callable[[RecDataModule], Targets] | None = None
+# Baselines that score every item for a user: they fit any task that ranks or picks items.
+ITEM_SCORERS = ("popularity", "item_knn", "sasrec")
 
 
-def click_dataset(dm: RecDataModule, stage: str) -> Dataset:
+def click_dataset(data: PreparedData, stage: str) -> Dataset:
     """Positives + sampled negatives (data.click_labels=sampled) or every rated interaction
     labelled by its rating (=rating, TALLRec); then a seeded subset of data.max_<stage>_samples."""
-    if dm.click_labels == "rating":
+    s = data.settings
+    if s.click_labels == "rating":
         rows = ClickSet.from_ratings(
-            dm.split,
+            data.split,
             stage,
-            dm.rating_threshold,
-            dm.history_items,
-            dm.cache,
-            dm.max_history_tokens,
+            s.rating_threshold,
+            s.history_items,
+            data.tokens,
+            s.max_history_tokens,
         )
     elif stage == "train":
         rows = ClickSet.for_training(
-            dm.split, dm.sampler, dm.train_negatives, dm.seed, dm.cache, dm.max_history_tokens
+            data.split, data.sampler, s.train_negatives, s.seed, data.tokens, s.max_history_tokens
         )
     else:
         rows = ClickSet.for_eval(
-            dm.split,
+            data.split,
             stage,
-            dm.sampler,
-            dm.eval_negatives,
-            dm.seed,
-            dm.cache,
-            dm.max_history_tokens,
+            data.sampler,
+            s.eval_negatives,
+            s.seed,
+            data.tokens,
+            s.max_history_tokens,
         )
-    return rows.subset(dm.max_samples[stage], dm.seed + STAGE_SEEDS[stage])
+    return rows.subset(s.max_samples(stage), s.seed + STAGE_SEEDS[stage])
 
 
-def ranking_candidates(dm: RecDataModule) -> dict:
+def check_click_labels(data: PreparedData) -> None:
+    if data.settings.click_labels == "rating" and "rating" not in data.split.attrs:
+        raise ConfigError(
+            "data.click_labels",
+            "rating",
+            f"a dataset with explicit ratings; {data.name} has no rating column "
+            "(use data.click_labels=sampled)",
+        )
+
+
+def click_protocol(data: PreparedData) -> dict:
+    """Where click labels came from, and the sample counts when any were capped."""
+    s = data.settings
+    out: dict = {"click_labels": s.click_labels}
+    if s.click_labels == "rating":
+        # Every held-out rated interaction is a sample: nothing is sampled or ranked.
+        out["eval_mode"] = f"rating>{s.rating_threshold:g}"
+        out["history_items"] = s.history_items
+        out["labels"] = (
+            f"one sample per rated interaction of each part, positive when rating > "
+            f"{s.rating_threshold:g}; history = the user's "
+            f"{s.history_items or 'all'} previous interactions in time (any part); "
+            "capped parts are seeded random subsets (TALLRec, Bao et al. 2023)"
+        )
+    caps = {stage: s.max_samples(stage) for stage in ("train", "val", "test")}
+    if s.click_labels == "rating" or any(caps.values()):
+        out["samples"] = {stage: len(d) for stage, d in data.datasets.items()}
+        out["max_samples"] = caps
+        out["positives"] = {stage: int(d.labels.sum()) for stage, d in data.datasets.items()}
+    return out
+
+
+def ranking_candidates(data: PreparedData) -> dict:
     """What a ranking evaluation ranks: the catalogue (or its cold items, data.eval_items),
     or the held-out items plus sampled negatives (data.eval_mode=sampled)."""
     return {
-        "sampler": dm.sampler if dm.eval_mode == "sampled" else None,
-        "negatives": dm.eval_negatives,
-        "seed": dm.seed,
-        "rank_items": dm.rank_items(),
+        "sampler": data.sampler if data.eval_mode == "sampled" else None,
+        "negatives": data.settings.eval_negatives,
+        "seed": data.seed,
+        "rank_items": data.rank_items(),
     }
 
 
-def retrieval_dataset(dm: RecDataModule, stage: str) -> Dataset:
+def retrieval_dataset(data: PreparedData, stage: str) -> Dataset:
+    budget = data.settings.max_history_tokens
     if stage == "train":
-        return TwoTowerSet(dm.split, dm.cache, dm.max_history_tokens)
+        return TwoTowerSet(data.split, data.tokens, budget)
     return RankingSet(
-        dm.split, stage, dm.num_items, dm.cache, dm.max_history_tokens, **ranking_candidates(dm)
+        data.split, stage, data.num_items, data.tokens, budget, **ranking_candidates(data)
     )
 
 
-def sequential_dataset(dm: RecDataModule, stage: str) -> Dataset:
+def sequential_dataset(data: PreparedData, stage: str) -> Dataset:
+    max_len = data.settings.max_sequence_length
     if stage == "train":
-        return SequenceSet(dm.split, dm.max_sequence_length, dm.cache)
+        return SequenceSet(data.split, max_len, data.tokens)
     return SequenceRankingSet(
-        dm.split, stage, dm.num_items, dm.max_sequence_length, **ranking_candidates(dm)
+        data.split, stage, data.num_items, max_len, **ranking_candidates(data)
     )
 
 
-def point_dataset(dm: RecDataModule, stage: str) -> Dataset:
-    return PointSet(dm.split, stage, dm.targets, dm.cache, dm.max_history_tokens)
+def point_dataset(data: PreparedData, stage: str) -> Dataset:
+    return PointSet(data.split, stage, data.targets, data.tokens, data.settings.max_history_tokens)
+
+
+def generative_ranking_dataset(data: PreparedData, stage: str) -> Dataset:
+    """Training: (history, next item) as one LM sequence; evaluation: each user's sampled
+    candidates, every one continuing the user's history prompt."""
+    s = data.settings
+    if stage == "train":
+        return NextTitleSet(data.split, data.tokens, s.max_history_tokens)
+    return CandidateTitleSet(
+        data.split,
+        stage,
+        data.num_items,
+        data.tokens,
+        s.max_history_tokens,
+        data.sampler,
+        s.eval_negatives,
+        s.seed,
+    )
+
+
+def interaction_columns(data: PreparedData) -> list[str]:
+    return [str(c) for c in data.data.interactions.columns]
+
+
+def task_rating_targets(data: PreparedData):
+    return rating_targets(data.split, data.name, interaction_columns(data))
+
+
+def task_behaviour_targets(data: PreparedData):
+    return behaviour_targets(
+        data.split, data.settings.behaviour, data.name, interaction_columns(data)
+    )
 
 
 POINTWISE = "a value is predicted for each held-out interaction; nothing is ranked"
 
-
-def generative_ranking_dataset(dm: RecDataModule, stage: str) -> Dataset:
-    """Training: (history, next item) as one LM sequence; evaluation: each user's sampled
-    candidates, every one continuing the user's history prompt."""
-    if stage == "train":
-        return NextTitleSet(dm.split, dm.cache, dm.max_history_tokens)
-    return CandidateTitleSet(
-        dm.split,
-        stage,
-        dm.num_items,
-        dm.cache,
-        dm.max_history_tokens,
-        dm.sampler,
-        dm.eval_negatives,
-        dm.seed,
-    )
+TASKS: dict[str, Task] = {}
 
 
-TASKS: dict[str, Task] = {
-    "click": Task(
+def register_task(task: Task) -> Task:
+    """Add (or replace) a task record; returns it, so a module can keep a reference."""
+    TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ConfigError("head.net._target_", name, f"a head whose task is one of {list(TASKS)}")
+    return TASKS[name]
+
+
+for _task in (
+    Task(
+        "click",
         click_dataset,
-        ("sampled",),
-        "a cross-encoder scores sampled candidates; use head=retrieval for full ranking",
+        lambda k: ClickMetrics(),
+        eval_modes=("sampled",),
+        monitor="auroc",
+        baselines=ITEM_SCORERS,
+        default_baselines=("popularity",),
+        why="a cross-encoder scores sampled candidates; use head=retrieval for full ranking",
+        check=check_click_labels,
+        protocol=click_protocol,
     ),
-    "retrieval": Task(retrieval_dataset, ("full", "sampled")),
-    "generative_ranking": Task(
+    Task(
+        "retrieval",
+        retrieval_dataset,
+        RankingMetrics,
+        eval_modes=("full", "sampled"),
+        monitor="ndcg@{k}",
+        baselines=ITEM_SCORERS,
+        default_baselines=("popularity",),
+    ),
+    Task(
+        "sequential",
+        sequential_dataset,
+        RankingMetrics,
+        eval_modes=("full", "sampled"),
+        monitor="ndcg@{k}",
+        baselines=ITEM_SCORERS,
+        default_baselines=("popularity",),
+    ),
+    Task(
+        "generative_ranking",
         generative_ranking_dataset,
-        ("sampled",),
-        "each candidate's title is scored by a forward pass of the decoder, so full ranking "
-        "costs n_items passes per user (1,682 for MovieLens-100K); rank the held-out item "
-        "among data.eval_negatives sampled ones",
+        RankingMetrics,  # candidates' title log-likelihoods, sampled mode
+        eval_modes=("sampled",),
+        monitor="ndcg@{k}",
+        baselines=ITEM_SCORERS,
+        default_baselines=("popularity",),
+        why="each candidate's title is scored by a forward pass of the decoder, so full "
+        "ranking costs n_items passes per user (1,682 for MovieLens-100K); rank the held-out "
+        "item among data.eval_negatives sampled ones",
     ),
-    "sequential": Task(sequential_dataset, ("full", "sampled")),
-    "rating": Task(point_dataset, ("pointwise",), POINTWISE, targets=rating_targets),
-    "behaviour": Task(point_dataset, ("pointwise",), POINTWISE, targets=behaviour_targets),
-}
+    Task(
+        "rating",
+        point_dataset,
+        lambda k: RatingMetrics(),
+        eval_modes=("pointwise",),
+        monitor="rmse",
+        monitor_mode="min",
+        baselines=("bias",),
+        default_baselines=("bias",),
+        why=POINTWISE,
+        targets=task_rating_targets,
+    ),
+    Task(
+        "behaviour",
+        point_dataset,
+        lambda k: BehaviourMetrics(),
+        eval_modes=("pointwise",),
+        monitor="macro_f1",
+        baselines=("item_majority",),
+        default_baselines=("item_majority",),
+        why=POINTWISE,
+        targets=task_behaviour_targets,
+    ),
+):
+    register_task(_task)

@@ -56,6 +56,34 @@ def adalora_model(backbone: Backbone) -> AdaLoraModel | None:
     return None
 
 
+class PeftHooks:
+    """Per-step work a PEFT method needs beyond its forward pass. The module calls these two
+    hooks for every strategy; the base class does nothing (LoRA, IA3, prefix, prompt, none)."""
+
+    def extra_loss(self, backbone: Backbone) -> torch.Tensor | float:
+        """A term added to the training loss."""
+        return 0.0
+
+    def after_optimizer_step(self, backbone: Backbone, global_step: int) -> None:
+        """Called after each optimizer step, while the gradients are still there."""
+
+
+class AdaLoraHooks(PeftHooks):
+    """AdaLoRA (Zhang et al., 2023): an orthogonality penalty on P and Q, and rank
+    re-allocation from the gradients after every optimizer step."""
+
+    def extra_loss(self, backbone: Backbone) -> torch.Tensor | float:
+        return adalora_regularisation(backbone)
+
+    def after_optimizer_step(self, backbone: Backbone, global_step: int) -> None:
+        adalora_step(backbone, global_step)
+
+
+def peft_hooks(backbone: Backbone) -> PeftHooks:
+    """The hooks for the backbone's PEFT strategy."""
+    return AdaLoraHooks() if adalora_model(backbone) is not None else PeftHooks()
+
+
 def adalora_step(backbone: Backbone, global_step: int) -> None:
     """AdaLoRA re-allocates rank from the gradients: call after the optimizer step, before the
     gradients are zeroed. Skipped when a freeze strategy left the adapter without gradients."""

@@ -72,6 +72,10 @@ class Backbone(nn.Module):
             )
 
     @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
     def model_type(self) -> str:
         return self.model.config.model_type
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import lightning as L
@@ -11,11 +12,14 @@ from peft import PeftConfig
 from torch import nn
 from transformers import get_scheduler
 
+from recsys_lm.data.batches import ItemBatch
+from recsys_lm.data.prepared import PreparedData
+from recsys_lm.data.tasks import get_task
 from recsys_lm.errors import ConfigError
-from recsys_lm.metrics import build_metrics
-from recsys_lm.models.adapters import adalora_regularisation, adalora_step, apply_peft
+from recsys_lm.models.adapters import apply_peft, peft_hooks
 from recsys_lm.models.backbone import Backbone
 from recsys_lm.models.freezing import NoFreeze
+from recsys_lm.models.heads.base import Head, Recommendation
 
 SCHEDULES = ("linear", "cosine", "constant_with_warmup")
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_")
@@ -30,37 +34,47 @@ def count_parameters(module: nn.Module) -> dict[str, int]:
 
 
 class RecsysLM(L.LightningModule):
+    """Backbone + head, trained and evaluated as the head's task says (its `Task` record).
+
+    The head is driven only through the `Head` hooks (models/heads/base.py); PEFT methods
+    that need per-step work get it through `PeftHooks` (models/adapters.py).
+    """
+
     def __init__(
         self,
         backbone: Backbone,
-        head: nn.Module,
+        head: Head,
         peft_name: str = "none",
         peft_config: PeftConfig | None = None,
         freeze: Any = None,
         lr: float = 2e-4,
         head_lr: float | None = None,
+        frozen_head_lr: float | None = 1e-3,
         weight_decay: float = 0.01,
         schedule: str = "linear",
         warmup_ratio: float = 0.1,
         k: int = 10,
+        eval_batch_size: int = 128,
     ) -> None:
         super().__init__()
         if schedule not in SCHEDULES:
             raise ConfigError("optim.schedule", schedule, f"one of {list(SCHEDULES)}")
         self.save_hyperparameters(ignore=["backbone", "head", "peft_config", "freeze"])
         self.backbone = backbone
-        if hasattr(head, "bind"):  # a head that needs the backbone's kind or tokenizer checks here
-            head.bind(backbone)
         apply_peft(backbone, peft_name, peft_config)
         (freeze or NoFreeze()).apply(backbone)
+        self.peft_hooks = peft_hooks(backbone)
+        head.bind(backbone)  # after wrapping and freezing: the head sees what will train
         self.head = head
-        self.task = head.task
-        self.val_metrics = build_metrics(self.task, k)
-        self.test_metrics = build_metrics(self.task, k)
+        self.task = get_task(head.task)
+        self.val_metrics = self.task.metrics(k)
+        self.test_metrics = self.task.metrics(k)
+        self._indexed = False  # whether on_eval_start ran since the weights last changed
         # from_pretrained returns modules in eval mode; Lightning keeps each module's mode, so
         # dropout would silently stay off during fine-tuning.
         self.train()
-        if count_parameters(self)["trainable"] == 0:
+        # Parameters, not their count: a data-sized head's tensors are empty until attach.
+        if not any(p.requires_grad for p in self.parameters()):
             raise ConfigError(
                 "freeze",
                 getattr(freeze, "name", freeze),
@@ -68,45 +82,39 @@ class RecsysLM(L.LightningModule):
             )
 
     # -- data-dependent state -------------------------------------------------------------
-    def attach_data(self, datamodule) -> None:
-        """Give the head what it needs from the training data (item prior for logQ,
-        catalogue size for per-item parameters)."""
-        if hasattr(self.head, "set_item_prior"):
-            self.head.set_item_prior(torch.as_tensor(datamodule.item_counts))
-        # Pointwise heads: rating statistics, behaviour classes (data/points.py).
-        if hasattr(self.head, "set_targets") and getattr(datamodule, "targets", None):
-            self.head.set_targets(datamodule.targets)
-        if hasattr(self.head, "attach"):
-            self.head.attach(datamodule.num_items)
-        if hasattr(self.head, "check_backbone"):
-            self.head.check_backbone(self.backbone)
+    def attach(self, data: PreparedData) -> None:
+        """Give the head what it needs from the prepared data (Head.attach)."""
+        self.head.attach(data)
+        self._indexed = False
 
     def on_fit_start(self) -> None:
-        if hasattr(self.head, "on_fit_start"):  # e.g. item embeddings cached before training
-            self.head.on_fit_start(self.backbone, self._item_batches())
+        self.head.on_fit_start(self.backbone, self._item_batches())
 
     # -- training ---------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss = self.head.loss(self.backbone, batch)
-        loss = loss + adalora_regularisation(self.backbone)
+        loss = self.head.loss(self.backbone, batch) + self.peft_hooks.extra_loss(self.backbone)
         self.log("train/loss", loss, prog_bar=True, batch_size=_batch_size(batch))
+        self._indexed = False
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # Lightning zeroes gradients at the start of the next step, so they are still here.
-        adalora_step(self.backbone, self.global_step)
+        self.peft_hooks.after_optimizer_step(self.backbone, self.global_step)
 
     def configure_optimizers(self):
         hp = self.hparams
         backbone = [(n, p) for n, p in self.backbone.named_parameters() if p.requires_grad]
         head = [p for p in self.head.parameters() if p.requires_grad]
+        # A frozen backbone (linear probe) leaves only the head, which needs a head-sized
+        # rate, not the PEFT strategy's (5e-5 for full fine-tuning).
+        head_lr = hp.head_lr or (hp.frozen_head_lr if not backbone else None) or hp.lr
         groups = [
             {
                 "params": [p for n, p in backbone if not n.endswith(NO_DECAY)],
                 "weight_decay": hp.weight_decay,
             },
             {"params": [p for n, p in backbone if n.endswith(NO_DECAY)], "weight_decay": 0.0},
-            {"params": head, "weight_decay": 0.0, "lr": hp.head_lr or hp.lr},
+            {"params": head, "weight_decay": 0.0, "lr": head_lr},
         ]
         groups = [g for g in groups if g["params"]]
         optimizer = torch.optim.AdamW(groups, lr=hp.lr)
@@ -123,13 +131,15 @@ class RecsysLM(L.LightningModule):
         }
 
     # -- evaluation -------------------------------------------------------------------------
-    def _item_batches(self):
-        loader = self.trainer.datamodule.item_dataloader()
-        return (move_data_to_device(b, self.device) for b in loader)
+    def _item_batches(self) -> Iterator[ItemBatch]:
+        """The catalogue's texts on this module's device, lazily (heads that do not read
+        them cost nothing)."""
+        batches = self.head.require_catalogue().item_batches(self.hparams.eval_batch_size)
+        return (move_data_to_device(b, self.device) for b in batches)
 
     def _begin_eval(self) -> None:
-        if hasattr(self.head, "index_catalogue"):
-            self.head.index_catalogue(self.backbone, self._item_batches())
+        self.head.on_eval_start(self.backbone, self._item_batches())
+        self._indexed = True
 
     def on_validation_epoch_start(self) -> None:
         self._begin_eval()
@@ -153,6 +163,22 @@ class RecsysLM(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._end_eval("test", self.test_metrics)
+
+    # -- inference (serving) -----------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, history: Sequence[int], candidates: Sequence[int]) -> torch.Tensor:
+        """The head's score of each candidate item for a user with this `history` (item
+        indices, oldest first)."""
+        return self.head.score(self.backbone, history, candidates)
+
+    @torch.no_grad()
+    def recommend(
+        self, history: Sequence[int], k: int = 10, exclude: Iterable[int] = ()
+    ) -> Recommendation:
+        """The top-k catalogue items for a user with this `history` (never history items)."""
+        if not self._indexed:
+            self._begin_eval()
+        return self.head.recommend(self.backbone, history, k, exclude)
 
 
 def _batch_size(batch) -> int:

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -10,9 +12,13 @@ import pytest
 
 from recsys_lm.data.cache import CachedSource
 from recsys_lm.data.canonical import CanonicalData
-from recsys_lm.data.custom import CustomSource
-from recsys_lm.data.movielens import MovieLens100K
-from recsys_lm.data.sample import SampleSource
+from recsys_lm.data.sources.amazon import Amazon2018
+from recsys_lm.data.sources.base import Source
+from recsys_lm.data.sources.custom import CustomSource
+from recsys_lm.data.sources.mind import MIND
+from recsys_lm.data.sources.movielens import MovieLens100K, MovieLensCSV
+from recsys_lm.data.sources.sample import SampleSource
+from recsys_lm.errors import ConfigError
 
 OLD = 1_000_000_000  # an mtime long past, so digests are memoized
 
@@ -54,7 +60,8 @@ def test_second_load_reads_the_cache_and_equals_the_first(tmp_path, monkeypatch)
     meta = json.loads((entry / "meta.json").read_text())
     assert meta["dropped"] == first.dropped == {"rating < 2": 2}
     assert [name for name, _ in meta["inputs"]["files"]] == ["u.data", "u.item"]
-    assert meta["inputs"]["config"] == {"folder": "movielens-100k", "min_rating": 2}
+    assert meta["inputs"]["config"] == {"folder": "movielens-100k", "min_rating": 2, "fold": None}
+    assert meta["inputs"]["parser_version"] == MovieLens100K.parser_version
 
     def no_parsing(*args):
         raise AssertionError("parsed although the cache holds the data")
@@ -131,12 +138,28 @@ def test_a_leftover_temporary_folder_is_ignored(tmp_path):
     assert_same(first, cached.load())
 
 
-def test_a_source_without_raw_files_bypasses_the_cache(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="recsys_lm.data.cache"):
-        data = CachedSource(SampleSource(num_users=20, num_items=30), tmp_path / "c").load()
-    assert len(data.interactions) > 0
-    assert "has no raw_files()" in caplog.text
-    assert not (tmp_path / "c").exists()
+def test_a_generated_source_is_keyed_by_its_settings(tmp_path):
+    sample = SampleSource(num_users=20, num_items=30)
+    assert sample.raw_files() == [] and isinstance(sample, Source)
+    cached = CachedSource(sample, tmp_path / "c")
+    first = cached.load()
+    assert len(entries(tmp_path / "c")) == 1
+    assert_same(first, cached.load())
+    assert CachedSource(SampleSource(num_users=20, num_items=30, seed=8), tmp_path / "c").key() != (
+        cached.key()
+    )
+
+
+def test_a_source_without_raw_files_is_an_error(tmp_path):
+    class Listless:
+        name, parser_version = "listless", 1
+
+        def load(self):
+            raise AssertionError("never reached")
+
+    with pytest.raises(ConfigError, match=r"test_cache.*Listless has none.*use_cache=false"):
+        CachedSource(Listless(), tmp_path / "c").load()
+    assert not isinstance(Listless(), Source)
 
 
 def test_disabled_cache_and_unwritable_cache_still_load(tmp_path, caplog):
@@ -179,10 +202,48 @@ def test_real_100k_round_trips(ml100k_root, tmp_path):
     assert_same(first, cached.load())
 
 
-def test_key_covers_the_shared_parsing_modules(tmp_path):
-    from recsys_lm.data.cache import Digests, _code_digests
-    from recsys_lm.data.movielens import MovieLens100K
+SOURCE_MODULE = """
+from recsys_lm.data.sources.movielens import MovieLens100K
 
-    names = [name for name, _ in _code_digests(MovieLens100K, Digests(tmp_path / "d.json"))]
-    assert names[0] == "movielens.py"  # the source's own parser first
-    assert {"canonical.py", "readers.py", "markup.py"} <= set(names)
+
+class Edited(MovieLens100K):
+    parser_version = {version}
+    # {comment}
+"""
+
+
+def _edited_key(tmp_path: Path, monkeypatch, version: int, comment: str) -> str:
+    """The key of a source class whose module file is (re)written with this text."""
+    module = tmp_path / "edited_source.py"
+    module.write_text(SOURCE_MODULE.format(version=version, comment=comment))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "edited_source", raising=False)
+    cls = importlib.import_module("edited_source").Edited
+    return CachedSource(cls(root=str(tmp_path)), tmp_path / "cache").key()
+
+
+def test_code_edits_keep_the_key_and_parser_version_changes_it(tmp_path, monkeypatch):
+    write_100k(tmp_path)
+    key = _edited_key(tmp_path, monkeypatch, 1, "first edit")
+    # No code file is hashed: editing the source module (or any pipeline module) keeps entries.
+    assert _edited_key(tmp_path, monkeypatch, 1, "second edit, same output") == key
+    assert _edited_key(tmp_path, monkeypatch, 2, "the parser changed") != key
+    inputs = CachedSource(MovieLens100K(root=str(tmp_path)), tmp_path / "c").key_inputs([])
+    assert set(inputs) == {"format", "canonical", "source", "parser_version", "config", "files"}
+
+
+def test_every_source_follows_the_protocol(tmp_path):
+    write_100k(tmp_path)
+    sources = [
+        MovieLens100K(root=str(tmp_path)),
+        SampleSource(),
+        MIND(),
+        Amazon2018(),
+        MovieLensCSV(),
+        CustomSource(
+            {"path": "a.csv", "user": "u", "item": "i", "time": "t"},
+            {"path": "b.csv", "id": "id", "text": ["title"]},
+        ),
+    ]
+    for source in sources:
+        assert isinstance(source, Source) and isinstance(type(source).parser_version, int)

@@ -34,3 +34,11 @@ def test_validation_names_the_dataset_and_the_problem(frame, items, message):
     with pytest.raises(DataError, match=message) as err:
         CanonicalData("shop", items, frame)
     assert "dataset `shop`" in str(err.value)
+
+
+def test_part_column_values_are_checked():
+    items = pd.DataFrame({"item_id": ["a"]})
+    inter = pd.DataFrame({"user_id": ["u"], "item_id": ["a"], "timestamp": [1], "part": ["train"]})
+    assert CanonicalData("d", items, inter).interactions["part"].tolist() == ["train"]
+    with pytest.raises(DataError, match=r"dataset `d`: column 'part' holds 'holdout'"):
+        CanonicalData("d", items, inter.assign(part="holdout"))

@@ -4,29 +4,18 @@ import pytest
 import torch
 
 from recsys_lm.data.batches import PairBatch, RankingBatch, TwoTowerBatch
-from recsys_lm.data.datamodule import RecDataModule
-from recsys_lm.data.sample import SampleSource
 from recsys_lm.errors import ConfigError
+from tests.conftest import make_datamodule
 
 
 def make(tokenizer, task, **kw):
-    mode = "full" if task == "retrieval" else "sampled"
-    dm = RecDataModule(
-        SampleSource(num_users=30, num_items=50),
-        tokenizer,
-        task,
-        eval_mode=mode,
-        eval_negatives=9,
-        batch_size=4,
-        **kw,
-    )
-    dm.setup()
-    return dm
+    return make_datamodule(tokenizer, task, eval_negatives=9, batch_size=4, **kw)
 
 
 def test_retrieval_batches_exclude_history_and_keep_target(tokenizer):
-    dm = make(tokenizer, "retrieval")
-    batch = next(iter(dm.test_dataloader()))
+    datamodule = make(tokenizer, "retrieval")
+    dm = datamodule.data
+    batch = next(iter(datamodule.test_dataloader()))
     assert isinstance(batch, RankingBatch)
     assert batch.exclude.shape == batch.relevant.shape == (len(batch.user_index), 50)
     for row, user in enumerate(batch.user_index.tolist()):
@@ -34,13 +23,14 @@ def test_retrieval_batches_exclude_history_and_keep_target(tokenizer):
         assert batch.exclude[row, history].all()
         assert batch.exclude[row].sum() == len(set(history))
         assert batch.relevant[row].nonzero().flatten().tolist() == dm.split.test[user]
-    train = next(iter(dm.train_dataloader()))
+    train = next(iter(datamodule.train_dataloader()))
     assert isinstance(train, TwoTowerBatch) and train.user_ids.shape[0] == 4
     assert dm.protocol()["eval_mode"] == "full"
 
 
 def test_click_eval_has_one_positive_and_n_negatives_per_user(tokenizer):
-    dm = make(tokenizer, "click")
+    datamodule = make(tokenizer, "click")
+    dm = datamodule.data
     rows = dm.datasets["test"].rows
     users = dm.split.eval_users("test")
     assert len(rows) == len(users) * 10
@@ -49,7 +39,7 @@ def test_click_eval_has_one_positive_and_n_negatives_per_user(tokenizer):
         assert sum(r[3] for r in mine) == 1
         seen = set(dm.split.history(user, "test")) | set(dm.split.test[user])
         assert all(r[2] not in seen for r in mine if r[3] == 0)
-    batch = next(iter(dm.train_dataloader()))
+    batch = next(iter(datamodule.train_dataloader()))
     assert isinstance(batch, PairBatch)
     assert set(batch.token_type_ids.unique().tolist()) <= {0, 1}
     assert batch.input_ids.shape[1] <= 128
@@ -57,29 +47,27 @@ def test_click_eval_has_one_positive_and_n_negatives_per_user(tokenizer):
 
 
 def test_dynamic_padding_pads_to_the_longest_in_batch(tokenizer):
-    dm = make(tokenizer, "retrieval")
-    batch = next(iter(dm.train_dataloader()))
+    batch = next(iter(make(tokenizer, "retrieval").train_dataloader()))
     assert batch.user_mask.sum(1).max() == batch.user_ids.shape[1]
     assert torch.all(batch.user_ids[batch.user_mask == 0] == tokenizer.pad_token_id)
 
 
 def test_lengths_that_do_not_fit_the_backbone_are_refused(tokenizer):
     with pytest.raises(ConfigError, match="max_history_tokens"):
-        RecDataModule(
-            SampleSource(), tokenizer, "retrieval", max_history_tokens=200, max_length=128
-        )
+        make_datamodule(tokenizer, "retrieval", max_history_tokens=200, max_length=128)
 
 
 def test_click_with_full_ranking_is_refused(tokenizer):
     with pytest.raises(ConfigError, match="data.eval_mode"):
-        RecDataModule(SampleSource(), tokenizer, "click", eval_mode="full")
+        make_datamodule(tokenizer, "click", eval_mode="full")
 
 
 def test_cold_ranking_keeps_only_cold_items_as_candidates(tokenizer):
-    dm = make(tokenizer, "retrieval", split={"method": "cold_start"}, eval_items="cold")
+    datamodule = make(tokenizer, "retrieval", split={"method": "cold_start"}, eval_items="cold")
+    dm = datamodule.data
     cold = torch.zeros(dm.num_items, dtype=torch.bool)
     cold[sorted(dm.split.cold_items)] = True
-    batch = next(iter(dm.test_dataloader()))
+    batch = next(iter(datamodule.test_dataloader()))
     ranked = ~batch.exclude | batch.relevant
     assert not (ranked & ~cold).any()  # no warm item competes
     assert (batch.relevant & cold).sum() == batch.relevant.sum()
@@ -88,4 +76,4 @@ def test_cold_ranking_keeps_only_cold_items_as_candidates(tokenizer):
 
 def test_cold_ranking_needs_a_cold_start_split(tokenizer):
     with pytest.raises(ConfigError, match="data.eval_items.*cold_start"):
-        make(tokenizer, "retrieval", eval_items="cold").test_dataloader()
+        make(tokenizer, "retrieval", eval_items="cold")

@@ -4,11 +4,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from recsys_lm.data.datamodule import RecDataModule
 from recsys_lm.data.filters import k_core
 from recsys_lm.data.negatives import NegativeSampler
-from recsys_lm.data.sample import SampleSource
+from recsys_lm.data.sources.sample import SampleSource
 from recsys_lm.errors import ConfigError
+from tests.conftest import make_datamodule
 
 
 def test_uniform_negatives_avoid_the_users_items_and_are_distinct():
@@ -49,31 +49,28 @@ def test_k_core_is_iterated_until_stable():
 
 
 def test_sampled_retrieval_eval_ranks_only_the_candidates(tokenizer):
-    dm = RecDataModule(
-        SampleSource(num_users=30, num_items=80),
+    dm = make_datamodule(
         tokenizer,
         "retrieval",
+        SampleSource(num_users=30, num_items=80),
         eval_mode="sampled",
         eval_negatives=9,
     )
-    dm.setup()
     batch = next(iter(dm.test_dataloader()))
     assert ((~batch.exclude).sum(1) == 10).all()  # 1 held-out + 9 negatives
     assert (batch.relevant & ~batch.exclude).sum(1).eq(1).all()
-    assert dm.protocol()["eval_mode"] == "sampled-9"
+    assert dm.data.protocol()["eval_mode"] == "sampled-9"
 
 
 def test_length_grouping_batches_similar_lengths(tokenizer):
-    dm = RecDataModule(
-        SampleSource(num_users=60, num_items=80),
+    dm = make_datamodule(
         tokenizer,
         "click",
-        eval_mode="sampled",
+        SampleSource(num_users=60, num_items=80),
         batch_size=8,
         length_grouping=True,
     )
-    dm.setup()
-    lengths = np.array(dm.datasets["train"].lengths())
+    lengths = np.array(dm.data.datasets["train"].lengths())
     spread = [
         np.ptp(lengths[idx])
         for idx in np.array_split(list(dm.train_dataloader().sampler), len(lengths) // 8)
@@ -82,15 +79,14 @@ def test_length_grouping_batches_similar_lengths(tokenizer):
 
 
 def test_filters_and_splits_are_recorded_in_the_protocol(tokenizer):
-    dm = RecDataModule(
-        SampleSource(num_users=40, num_items=80),
+    dm = make_datamodule(
         tokenizer,
         "retrieval",
+        SampleSource(num_users=40, num_items=80),
         split={"method": "cold_start", "test_ratio": 0.2, "val_ratio": 0.1},
         filter={"min_user_interactions": 12, "min_item_interactions": 2},
     )
-    dm.setup()
-    protocol = dm.protocol()
+    protocol = dm.data.protocol()
     assert protocol["split_method"] == "cold_start" and protocol["cold_items"] > 0
     assert protocol["filter"]["min_user_interactions"] == 12
     assert any("below" in reason for reason in protocol["dropped"])

@@ -12,10 +12,9 @@ import torch
 
 from recsys_lm.data.batches import PairBatch
 from recsys_lm.data.canonical import CanonicalData
-from recsys_lm.data.datamodule import RecDataModule
-from recsys_lm.data.points import BehaviourTargets
-from recsys_lm.data.sample import SampleSource
+from recsys_lm.data.datasets.points import BehaviourTargets
 from recsys_lm.errors import ConfigError
+from tests.conftest import make_datamodule
 
 
 @dataclass
@@ -42,18 +41,15 @@ class TableSource:
         return CanonicalData(self.name, items, interactions)
 
 
-def make(tokenizer, task, source=None, **kw):
-    dm = RecDataModule(
-        source or SampleSource(num_users=30, num_items=50),
-        tokenizer,
-        task,
-        eval_mode="pointwise",
-        batch_size=4,
-        use_cache=False,
-        **kw,
+def loaders(tokenizer, task, source=None, **kw):
+    """The set-up RecDataModule (its loaders) for a pointwise task."""
+    return make_datamodule(
+        tokenizer, task, source, eval_mode="pointwise", batch_size=4, use_cache=False, **kw
     )
-    dm.setup()
-    return dm
+
+
+def make(tokenizer, task, source=None, **kw):
+    return loaders(tokenizer, task, source, **kw).data
 
 
 def test_training_rows_are_every_interaction_with_its_earlier_items(tokenizer):
@@ -82,8 +78,8 @@ def test_held_out_rows_read_the_stage_history(tokenizer):
 
 
 def test_batches_carry_float_ratings_and_long_classes(tokenizer):
-    rating = next(iter(make(tokenizer, "rating").train_dataloader()))
-    behaviour = next(iter(make(tokenizer, "behaviour").val_dataloader()))
+    rating = next(iter(loaders(tokenizer, "rating").train_dataloader()))
+    behaviour = next(iter(loaders(tokenizer, "behaviour").val_dataloader()))
     assert isinstance(rating, PairBatch) and rating.labels.dtype == torch.float32
     assert set(rating.labels.tolist()) <= {1.0, 2.0, 3.0, 4.0, 5.0}
     assert behaviour.labels.dtype == torch.long
@@ -169,6 +165,6 @@ def test_bad_behaviour_options_are_config_errors(tokenizer, options, key):
 
 def test_pointwise_tasks_refuse_ranking_eval_modes_and_vice_versa(tokenizer):
     with pytest.raises(ConfigError, match="'pointwise'.*nothing is ranked"):
-        RecDataModule(SampleSource(), tokenizer, "rating", eval_mode="full")
+        make_datamodule(tokenizer, "rating", eval_mode="full")
     with pytest.raises(ConfigError, match="task `click`"):
-        RecDataModule(SampleSource(), tokenizer, "click", eval_mode="pointwise")
+        make_datamodule(tokenizer, "click", eval_mode="pointwise")

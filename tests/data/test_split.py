@@ -70,3 +70,22 @@ def test_unknown_split_and_bad_ratio_are_config_errors():
         make_split(_frame(), 20, "by_magic")
     with pytest.raises(ConfigError, match="data.split.test_ratio"):
         make_split(_frame(), 20, "temporal", test_ratio=1.5)
+
+
+def test_predefined_split_follows_the_part_column():
+    frame = pd.DataFrame(
+        {
+            "user": [0, 0, 0, 0, 1, 1],
+            "item": [5, 6, 7, 8, 1, 2],
+            "timestamp": [40, 10, 30, 20, 1, 2],
+            "rating": [1.0, 2.0, 3.0, 4.0, 5.0, 4.0],
+            "part": ["test", "train", "val", "train", "train", "test"],
+        }
+    )
+    split = make_split(frame, 2, "predefined")
+    assert split.train == [[6, 8], [1]] and split.val == [[7], []] and split.test == [[5], [2]]
+    assert split.eval_users("val") == [0] and split.eval_users("test") == [0, 1]
+    assert "part" not in split.attrs and split.attr("rating", 1, "test") == [4.0]
+    assert "predefined" in split.description
+    with pytest.raises(ConfigError, match="data.split.method.*part"):
+        make_split(frame.drop(columns="part"), 2, "predefined")

@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 
 from recsys_lm.data.canonical import CanonicalData
-from recsys_lm.data.datamodule import RecDataModule
-from recsys_lm.data.sample import SampleSource
+from recsys_lm.data.prepared import PreparedData
+from recsys_lm.data.sources.sample import SampleSource
 from recsys_lm.errors import ConfigError
+from tests.conftest import make_datamodule
 
 USERS, PER_USER, ITEMS = 6, 20, 40
 
@@ -40,7 +41,7 @@ class RatedSource:
         return CanonicalData(self.name, items, frame)
 
 
-def make(tokenizer, source=None, **kw) -> RecDataModule:
+def make(tokenizer, source=None, **kw) -> PreparedData:
     options = {
         "eval_mode": "sampled",
         "click_labels": "rating",
@@ -48,12 +49,10 @@ def make(tokenizer, source=None, **kw) -> RecDataModule:
         "use_cache": False,
         **kw,
     }
-    dm = RecDataModule(source or RatedSource(), tokenizer, "click", **options)
-    dm.setup()
-    return dm
+    return make_datamodule(tokenizer, "click", source or RatedSource(), **options).data
 
 
-def timeline(dm: RecDataModule, user: int) -> tuple[list[int], list[float]]:
+def timeline(dm: PreparedData, user: int) -> tuple[list[int], list[float]]:
     """The user's items and ratings in time order, over every part."""
     items = dm.split.train[user] + dm.split.val[user] + dm.split.test[user]
     ratings = [r for part in ("train", "val", "test") for r in dm.split.attr("rating", user, part)]
@@ -127,9 +126,9 @@ def test_rating_labels_need_a_time_ordered_split(tokenizer):
 
 def test_unknown_click_labels_and_bad_caps_are_config_errors(tokenizer):
     with pytest.raises(ConfigError, match="data.click_labels"):
-        RecDataModule(RatedSource(), tokenizer, "click", eval_mode="sampled", click_labels="x")
+        make(tokenizer, click_labels="x")
     with pytest.raises(ConfigError, match="data.max_train_samples"):
-        RecDataModule(RatedSource(), tokenizer, "click", eval_mode="sampled", max_train_samples=0)
+        make(tokenizer, max_train_samples=0)
 
 
 def test_prompt_words_surround_the_pair_and_default_changes_nothing(tokenizer):
@@ -137,7 +136,7 @@ def test_prompt_words_surround_the_pair_and_default_changes_nothing(tokenizer):
     plain = make(tokenizer, SampleSource(num_users=10, num_items=30), **kw)
     rows = plain.datasets["test"].rows[:2]
     batch = plain.datasets["test"].collate(rows)
-    layout, cache = plain.cache.layout, plain.cache
+    layout, cache = plain.tokens.layout, plain.tokens
     expected = layout.pair(cache.history(rows[0][1], 64), cache.item_ids[rows[0][2]])[0]
     assert batch.input_ids[0, : len(expected)].tolist() == expected  # as before prompts existed
 

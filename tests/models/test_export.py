@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from recsys_lm.models.export import build_module, load_model
+from recsys_lm.build import build_module, load_model
 from tests.conftest import fresh_datamodule, train_and_keep
 
 
@@ -14,9 +14,9 @@ def scores(module, datamodule):
     module.eval()
     batch = next(iter(datamodule.test_dataloader()))
     with torch.no_grad():
-        if module.task == "click":
+        if module.task.name == "click":
             return module.head(module.backbone, batch)
-        module.head.index_catalogue(module.backbone, datamodule.item_dataloader())
+        module.head.on_eval_start(module.backbone, datamodule.item_dataloader())
         return module.head.score_catalogue(module.backbone, batch)
 
 
@@ -34,7 +34,14 @@ def scores(module, datamodule):
     ],
 )
 def test_saved_model_reloads_to_identical_scores(config, tmp_path, head, peft, freeze, monkeypatch):
-    overrides = [f"head={head}", f"peft={peft}", f"freeze={freeze}", "optim.lr=1e-2"]
+    overrides = [
+        f"head={head}",
+        f"peft={peft}",
+        f"freeze={freeze}",
+        "optim.lr=1e-2",
+        "trainer.max_steps=2",
+        "baselines=[]",
+    ]
     result, cfg, trained = train_and_keep(config, monkeypatch, overrides)
     model_dir = tmp_path / "model"
     assert result["model_dir"] == str(model_dir)

@@ -15,13 +15,14 @@ need per row, so prompt tuning's virtual tokens and padding never shift what is 
 from __future__ import annotations
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from recsys_lm.data.batches import CandidateBatch, LMBatch, PairBatch
+from recsys_lm.data.datasets.generative import lm_sequences
 from recsys_lm.errors import ConfigError
 from recsys_lm.metrics import ClickMetrics, RankingMetrics
 from recsys_lm.models.backbone import Backbone
+from recsys_lm.models.heads.base import Head, PairHead
 
 CLICK_LOSSES = ("lm", "binary")
 SCORES = ("sum", "mean")
@@ -33,11 +34,8 @@ def last_real(mask: torch.Tensor) -> torch.Tensor:
     return (positions * mask).argmax(dim=1)
 
 
-class GenerativeHead(nn.Module):
+class GenerativeHead(Head):
     """What both modes share: a decoder backbone that carries its LM head."""
-
-    def __init__(self, hidden_size: int) -> None:
-        super().__init__()  # hidden_size: the head interface; nothing is projected here
 
     def bind(self, backbone: Backbone) -> None:
         if backbone.causal_lm:
@@ -55,7 +53,7 @@ class GenerativeHead(nn.Module):
         )
 
 
-class GenerativeClickHead(GenerativeHead):
+class GenerativeClickHead(GenerativeHead, PairHead):
     """P(click) as the answer to a yes/no question at the end of the prompt (TALLRec).
 
     `answer_yes`/`answer_no` are the answer words; their first tokens decide (" Yes." and
@@ -190,3 +188,18 @@ class GenerativeRankingHead(GenerativeHead):
 
     def evaluate(self, backbone: Backbone, batch: CandidateBatch, metrics: RankingMetrics) -> None:
         metrics.update(self(backbone, batch), batch.relevant, batch.exclude)
+
+    @torch.no_grad()
+    def score(self, backbone: Backbone, history, candidates) -> torch.Tensor:
+        """Each candidate's text log-likelihood (sum or mean) after the history prompt."""
+        catalogue = self.require_catalogue()
+        candidates = list(candidates)
+        out = []
+        for start in range(0, len(candidates), self.chunk_size):
+            pairs = [(list(history), int(c)) for c in candidates[start : start + self.chunk_size]]
+            ids, mask, target = lm_sequences(catalogue.tokens, catalogue.history_budget, pairs)
+            device = backbone.device
+            out.append(
+                self.sequence_scores(backbone, ids.to(device), mask.to(device), target.to(device))
+            )
+        return torch.cat(out)

@@ -7,15 +7,17 @@ from torch import nn
 from torch.nn import functional as F
 
 from recsys_lm.data.batches import PairBatch
-from recsys_lm.data.points import RatingTargets
+from recsys_lm.data.datasets.points import RatingTargets
+from recsys_lm.data.prepared import PreparedData
 from recsys_lm.metrics import RatingMetrics
 from recsys_lm.models.backbone import Backbone
+from recsys_lm.models.heads.base import PairHead
 
 
-class RatingHead(nn.Module):
+class RatingHead(PairHead):
     """Pooled pair encoding -> dropout -> linear -> standardised rating z; MSE on z.
 
-    rating = mean + std * z, with the training ratings' mean and std (`set_targets`), so the
+    rating = mean + std * z, with the training ratings' mean and std (`attach`), so the
     regressor starts at the training mean (zero bias, small weights) instead of spending its
     first steps finding the scale; MSE on z is the rating MSE divided by std^2. Evaluation
     clamps predictions to the ratings' range: no rating lies outside it.
@@ -24,7 +26,7 @@ class RatingHead(nn.Module):
     task = "rating"
 
     def __init__(self, hidden_size: int, dropout: float = 0.1) -> None:
-        super().__init__()
+        super().__init__(hidden_size)
         self.dropout = nn.Dropout(dropout)
         self.regressor = nn.Linear(hidden_size, 1)
         nn.init.normal_(self.regressor.weight, std=0.02)
@@ -35,7 +37,9 @@ class RatingHead(nn.Module):
         self.register_buffer("low", torch.tensor(float("-inf")))
         self.register_buffer("high", torch.tensor(float("inf")))
 
-    def set_targets(self, targets: RatingTargets) -> None:
+    def attach(self, data: PreparedData) -> None:
+        super().attach(data)
+        targets: RatingTargets = data.targets
         for name in ("mean", "std", "low", "high"):
             getattr(self, name).fill_(getattr(targets, name))
 

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from recsys_lm.data.batches import RankingBatch, TwoTowerBatch
+from recsys_lm.data.batches import ItemBatch, RankingBatch, TwoTowerBatch, pad
+from recsys_lm.data.prepared import PreparedData
 from recsys_lm.metrics import RankingMetrics
 from recsys_lm.models.backbone import Backbone
+from recsys_lm.models.heads.base import Head, Recommendation, top_k
 
 
-class RetrievalHead(nn.Module):
+class RetrievalHead(Head):
     """In-batch sampled softmax over cosine similarities divided by a temperature.
 
     With `logq_correction`, each in-batch candidate's logit is reduced by log of its sampling
@@ -31,7 +34,7 @@ class RetrievalHead(nn.Module):
         learn_temperature: bool = True,
         logq_correction: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(hidden_size)
         self.projection = nn.Linear(hidden_size, hidden_size) if projection else nn.Identity()
         if projection:  # start at identity so the pretrained embedding space is kept
             nn.init.eye_(self.projection.weight)
@@ -41,10 +44,12 @@ class RetrievalHead(nn.Module):
         )
         self.logq_correction = logq_correction
         self.register_buffer("log_prior", torch.zeros(0), persistent=False)
-        self._catalogue: torch.Tensor | None = None
+        self._item_vectors: torch.Tensor | None = None
 
-    def set_item_prior(self, counts: torch.Tensor) -> None:
-        prior = (counts.float() + 1.0) / (counts.float() + 1.0).sum()
+    def attach(self, data: PreparedData) -> None:
+        super().attach(data)
+        counts = torch.as_tensor(data.item_counts).float()
+        prior = (counts + 1.0) / (counts + 1.0).sum()
         self.log_prior = prior.log().to(self.log_inv_temperature.device)
 
     @property
@@ -67,18 +72,41 @@ class RetrievalHead(nn.Module):
         return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
 
     @torch.no_grad()
-    def index_catalogue(self, backbone: Backbone, batches) -> torch.Tensor:
-        """Embed every item once; evaluation ranks users against this matrix."""
-        parts = []
-        for batch in batches:
-            parts.append(self.encode(backbone, batch.item_ids, batch.item_mask))
-        self._catalogue = torch.cat(parts)
-        return self._catalogue
+    def on_eval_start(self, backbone: Backbone, items: Iterable[ItemBatch]) -> None:
+        """Embed every item once; evaluation and `recommend` rank users against this matrix."""
+        self._item_vectors = torch.cat(
+            [self.encode(backbone, batch.item_ids, batch.item_mask) for batch in items]
+        )
 
     def score_catalogue(self, backbone: Backbone, batch: RankingBatch) -> torch.Tensor:
-        if self._catalogue is None:
-            raise RuntimeError("index_catalogue() must run before scoring users")
-        return self.encode(backbone, batch.user_ids, batch.user_mask) @ self._catalogue.T
+        if self._item_vectors is None:
+            raise RuntimeError("on_eval_start() must run before scoring users")
+        return self.encode(backbone, batch.user_ids, batch.user_mask) @ self._item_vectors.T
 
     def evaluate(self, backbone: Backbone, batch: RankingBatch, metrics: RankingMetrics) -> None:
         metrics.update(self.score_catalogue(backbone, batch), batch.relevant, batch.exclude)
+
+    # -- inference -------------------------------------------------------------------------
+    def user_vector(self, backbone: Backbone, history: Sequence[int]) -> torch.Tensor:
+        catalogue = self.require_catalogue()
+        tokens = catalogue.tokens
+        ids = tokens.layout.single(tokens.history(list(history), catalogue.history_budget))[0]
+        ids_t, mask = pad([ids], tokens.pad_id)
+        return self.encode(backbone, ids_t.to(backbone.device), mask.to(backbone.device))[0]
+
+    @torch.no_grad()
+    def score(self, backbone: Backbone, history, candidates) -> torch.Tensor:
+        """Cosine similarity of the user's history text and each candidate's text."""
+        tokens = self.require_catalogue().tokens
+        items = [tokens.layout.single(tokens.item_ids[i])[0] for i in candidates]
+        ids, mask = pad(items, tokens.pad_id)
+        vectors = self.encode(backbone, ids.to(backbone.device), mask.to(backbone.device))
+        return vectors @ self.user_vector(backbone, history)
+
+    @torch.no_grad()
+    def recommend(self, backbone: Backbone, history, k: int = 10, exclude=()) -> Recommendation:
+        """Top-k over the item matrix `on_eval_start` computed (call it once after loading)."""
+        if self._item_vectors is None:
+            raise RuntimeError("on_eval_start(backbone, items) must run before recommend")
+        scores = self._item_vectors @ self.user_vector(backbone, history)
+        return top_k(scores, k, [*history, *exclude])

@@ -21,16 +21,19 @@ catalogue from the last position.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from recsys_lm.data.batches import SequenceBatch
-from recsys_lm.data.sequences import IGNORE
+from recsys_lm.data.batches import ItemBatch, SequenceBatch
+from recsys_lm.data.datasets.sequences import IGNORE
+from recsys_lm.data.prepared import PreparedData
 from recsys_lm.errors import ConfigError
 from recsys_lm.metrics import RankingMetrics
 from recsys_lm.models.backbone import Backbone
+from recsys_lm.models.heads.base import Head, top_k
 
 ITEM_EMBEDDINGS = ("cached", "trained")
 
@@ -66,8 +69,9 @@ class CausalEncoder(nn.Module):
         return self.norm(self.blocks(x, mask=blocked))
 
 
-class SequentialHead(nn.Module):
+class SequentialHead(Head):
     task = "sequential"
+    data_sized = ("ids.weight", "text_table")
 
     def __init__(
         self,
@@ -83,7 +87,7 @@ class SequentialHead(nn.Module):
         negatives: int = 0,
         item_batch_size: int = 256,
     ) -> None:
-        super().__init__()
+        super().__init__(hidden_size)
         if item_embeddings not in ITEM_EMBEDDINGS:
             raise ConfigError(
                 "head.net.item_embeddings", item_embeddings, f"one of {list(ITEM_EMBEDDINGS)}"
@@ -94,7 +98,7 @@ class SequentialHead(nn.Module):
             )
         self.text, self.use_ids, self.mode = text, id_embedding, item_embeddings
         self.negatives, self.item_batch_size = negatives, item_batch_size
-        self.hidden_size, self.dim = hidden_size, dim
+        self.dim = dim
         self.encoder = CausalEncoder(dim, max_len, num_layers, num_heads, dropout)
         self.project = None
         if text:
@@ -103,7 +107,8 @@ class SequentialHead(nn.Module):
             # multiplies inputs by sqrt(dim), as SASRec does, to put them beside positions.
             nn.init.constant_(self.project[1].weight, dim**-0.5)
         self.item_dropout = nn.Dropout(dropout)
-        self.ids: nn.Embedding | None = None  # built once the catalogue size is known
+        # One learned vector per item; `attach` sizes it to the catalogue.
+        self.ids = nn.Embedding(0, dim) if id_embedding else None
         # Backbone text embedding of every item [n_items, hidden]; saved with the model, so a
         # served model needs no backbone pass per request.
         self.register_buffer("text_table", torch.zeros(0, hidden_size if text else 0))
@@ -112,24 +117,18 @@ class SequentialHead(nn.Module):
     # -- catalogue ------------------------------------------------------------------------
     @property
     def num_items(self) -> int:
-        return self.ids.num_embeddings if self.ids is not None else len(self.text_table)
+        return len(self.ids.weight) if self.ids is not None else len(self.text_table)
 
-    def attach(self, num_items: int) -> None:
-        """Size the per-item parameters and buffers for a catalogue of `num_items`."""
-        if self.use_ids and (self.ids is None or self.ids.num_embeddings != num_items):
-            device = self.encoder.position.weight.device
-            self.ids = nn.Embedding(num_items, self.dim, device=device)
-            nn.init.normal_(self.ids.weight, std=self.dim**-0.5)
-        if self.text and len(self.text_table) != num_items:
-            self.text_table = torch.zeros(
-                num_items, self.hidden_size, device=self.text_table.device
-            )
+    def attach(self, data: PreparedData) -> None:
+        """Size the per-item parameters and buffers for the catalogue."""
+        super().attach(data)
+        if self.use_ids:
+            init = lambda t: nn.init.normal_(t, std=self.dim**-0.5)  # noqa: E731
+            self.resize("ids.weight", (data.num_items, self.dim), init)
+        if self.text:
+            self.resize("text_table", (data.num_items, self.hidden_size))
 
-    def data_state(self) -> dict:
-        """What export must remember to rebuild this head (see `attach`)."""
-        return {"num_items": self.num_items}
-
-    def check_backbone(self, backbone: Backbone) -> None:
+    def bind(self, backbone: Backbone) -> None:
         trainable = any(p.requires_grad for p in backbone.parameters())
         if self.text and self.mode == "cached" and trainable:
             raise ConfigError(
@@ -148,10 +147,10 @@ class SequentialHead(nn.Module):
             parts.append(backbone(batch.item_ids, batch.item_mask).float())
         return torch.cat(parts)
 
-    def on_fit_start(self, backbone: Backbone, batches) -> None:
+    def on_fit_start(self, backbone: Backbone, items: Iterable[ItemBatch]) -> None:
         """Cached mode embeds the catalogue once, on the training device, before step one."""
         if self.mode == "cached":
-            self.cache_items(backbone, batches)
+            self.cache_items(backbone, items)
 
     def cache_items(self, backbone: Backbone, batches) -> None:
         """Compute the text table once (cached mode); a no-op when nothing reads text."""
@@ -208,31 +207,39 @@ class SequentialHead(nn.Module):
 
     # -- evaluation / serving -------------------------------------------------------------
     @torch.no_grad()
-    def index_catalogue(self, backbone: Backbone | None, batches) -> torch.Tensor:
+    def on_eval_start(self, backbone: Backbone | None, items: Iterable[ItemBatch]) -> None:
         """Item vectors for ranking; a trained backbone re-embeds the texts first."""
         if self.text and self.mode == "trained":
-            self.cache_items(backbone, batches)
+            self.cache_items(backbone, items)
         self._eval_table = self.table()
-        return self._eval_table
 
     def score_catalogue(self, backbone: Backbone | None, batch: SequenceBatch) -> torch.Tensor:
         """Scores [B, n_items]: the last position's state (the user's next-item query)
-        against the vectors `index_catalogue` computed."""
+        against the vectors `on_eval_start` computed."""
         if self._eval_table is None:
-            raise RuntimeError("index_catalogue() must run before scoring users")
+            raise RuntimeError("on_eval_start() must run before scoring users")
         state = self.encoder(self._eval_table[batch.items], batch.mask)[:, -1]
         return state @ self._eval_table.T
 
     def evaluate(self, backbone, batch: SequenceBatch, metrics: RankingMetrics) -> None:
         metrics.update(self.score_catalogue(backbone, batch), batch.relevant, batch.exclude)
 
+    # -- inference: only the small network and the cached table, never the backbone ---------
+    def _user_scores(self, history: Sequence[int]) -> torch.Tensor:
+        if self._eval_table is None:  # a freshly loaded model: the saved table is enough
+            self._eval_table = self.table()
+        recent = list(history)[-self.encoder.max_len :]
+        items = torch.as_tensor([recent], device=self._eval_table.device)
+        batch = SequenceBatch(items, torch.ones_like(items, dtype=torch.bool))
+        return self.score_catalogue(None, batch)[0]
+
     @torch.no_grad()
-    def recommend(self, history: list[int], k: int = 10) -> tuple[list[int], list[float]]:
-        """Top-k item indices for one user from cached vectors (history items excluded)."""
-        items = torch.as_tensor([history[-self.encoder.max_len :]], device=self.text_table.device)
-        scores = self.score_catalogue(
-            None, SequenceBatch(items, torch.ones_like(items, dtype=torch.bool))
-        )[0]
-        scores[torch.as_tensor(history, device=scores.device)] = float("-inf")  # all of it
-        top = scores.topk(k)
-        return top.indices.tolist(), top.values.tolist()
+    def score(self, backbone: Backbone | None, history, candidates) -> torch.Tensor:
+        """The user's next-item state against each candidate's vector."""
+        index = torch.as_tensor(list(candidates), dtype=torch.long)
+        return self._user_scores(history)[index.to(self._eval_table.device)]
+
+    @torch.no_grad()
+    def recommend(self, backbone: Backbone | None, history, k: int = 10, exclude=()):
+        """Top-k items from cached vectors (history and `exclude` left out)."""
+        return top_k(self._user_scores(history), k, [*history, *exclude])

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import torch
 
 from tests.conftest import fresh_datamodule, train_and_keep
 
-__all__ = ["fresh_datamodule", "predictions", "train_and_keep"]
+__all__ = ["fake_data", "fresh_datamodule", "predictions", "train_and_keep"]
+
+
+def fake_data(targets) -> SimpleNamespace:
+    """The parts of a PreparedData that `Head.attach` reads, with these targets."""
+    settings = SimpleNamespace(max_history_tokens=8, max_sequence_length=5)
+    return SimpleNamespace(targets=targets, tokens=None, num_items=0, settings=settings)
 
 
 def predictions(module, datamodule) -> torch.Tensor:

@@ -10,14 +10,15 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from recsys_lm.build import build_module, load_model
 from recsys_lm.data.batches import PairBatch
-from recsys_lm.data.points import RatingTargets
-from recsys_lm.models.export import build_module, load_model
+from recsys_lm.data.datasets.points import RatingTargets
 from recsys_lm.models.heads.rating import RatingHead
 from recsys_lm.train import train
 from tests.conftest import TINY
 from tests.models.heads.pointwise import (
     best_and_logged,
+    fake_data,
     fresh_datamodule,
     predictions,
     train_and_keep,
@@ -40,7 +41,7 @@ def pair(pooled: list[list[float]], labels: list[float]) -> PairBatch:
 
 def test_head_starts_at_the_training_mean_and_clamps_to_the_rating_range():
     head = RatingHead(hidden_size=2, dropout=0.0)
-    head.set_targets(TARGETS)
+    head.attach(fake_data(TARGETS))
     batch = pair([[0.0, 0.0], [0.0, 0.0]], [4.7, 2.3])
     assert head(Pooled(), batch).tolist() == pytest.approx([3.5, 3.5])
     # Standardised targets are +1 and -1: the loss is MSE / std^2 = 1.
@@ -82,7 +83,13 @@ def test_rating_head_trains_reports_and_reloads(config, tmp_path, monkeypatch, b
 def test_the_best_checkpoint_is_the_lowest_validation_rmse(config, tmp_path):
     result = train(
         config(
-            ["head=rating", "trainer.val_check_interval=2", "export_model=false", "baselines=[]"]
+            [
+                "head=rating",
+                "trainer.val_check_interval=2",
+                "export_model=false",
+                "baselines=[]",
+                "logger=csv",
+            ]
         )
     )
     best, logged, mode = best_and_logged(result, tmp_path, "rmse")

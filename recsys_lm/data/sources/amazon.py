@@ -30,11 +30,12 @@ from recsys_lm.data.download import download as fetch
 from recsys_lm.data.markup import TitleFix, clean_title, join_text, strip_html
 from recsys_lm.data.readers import (
     BadRecord,
+    Layout,
     check_on_bad_line,
     integer,
     number_or_nan,
-    read_headerless_csv,
     read_json_lines,
+    read_strings,
 )
 from recsys_lm.errors import ConfigError, DataError
 
@@ -83,6 +84,7 @@ class _AmazonSource:
     # filename -> md5 (or None: verify nothing), overriding the built-in table.
     checksums: Mapping[str, str | None] = field(default_factory=dict)
 
+    parser_version: ClassVar[int] = 1  # bump when load() gives other output for the same files
     release: ClassVar[str] = ""  # "2018" | "2023": names the dataset
     features_column: ClassVar[bool] = False  # whether items get a `features` column (2023)
     meta_required: ClassVar[tuple[str, ...]] = ()  # keys every meta line must have; [0] is the id
@@ -276,7 +278,8 @@ class Amazon2018(_AmazonSource):
         if self.reviews == "ratings":
             columns = ["item_id", "user_id", "rating", "timestamp"]
             numeric = ["rating", "timestamp"]
-            frame, skipped = read_headerless_csv(file, columns, numeric, self.on_bad_line)
+            layout = Layout(tuple(columns), numeric=tuple(numeric))
+            frame, skipped = read_strings(file, layout, self.on_bad_line)
         else:
             rows, skipped = read_json_lines(
                 file, ("asin", "reviewerID", "unixReviewTime"), _review_2018, self.on_bad_line
@@ -349,9 +352,11 @@ def _review_2018(record: dict[str, Any]) -> tuple[str, str, int, float]:
 def _review_2023(record: dict[str, Any]) -> tuple[str, str, int, float]:
     milliseconds = integer(record, "timestamp")
     if milliseconds < MIN_MILLISECONDS:
-        raise BadRecord(
-            f"key 'timestamp' = {milliseconds}; expected unix milliseconds (this looks like "
-            f"seconds, or a date before 1973)"
+        raise BadRecord.value(
+            "timestamp",
+            milliseconds,
+            "unix milliseconds (this looks like seconds, or a date before 1973)",
+            "is too small",
         )
     return (
         str(record["user_id"]),

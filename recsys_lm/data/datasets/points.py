@@ -13,7 +13,7 @@ prediction (eval_mode `pointwise`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,13 +21,11 @@ import torch
 from torch.utils.data import Dataset
 
 from recsys_lm.data.batches import PairBatch
-from recsys_lm.data.examples import pair_batch
+from recsys_lm.data.datasets.examples import pair_batch
+from recsys_lm.data.settings import BehaviourSettings
 from recsys_lm.data.split import PARTS, Split
 from recsys_lm.data.text import TokenCache
 from recsys_lm.errors import ConfigError
-
-if TYPE_CHECKING:
-    from recsys_lm.data.datamodule import RecDataModule
 
 BEHAVIOUR_SOURCES = ("auto", "behaviour", "rating")
 IMPLICIT = "head=click or head=retrieval (implicit feedback)"
@@ -108,21 +106,19 @@ def _values(split: Split, column: str, parts: tuple[str, ...] = PARTS) -> list:
     ]
 
 
-def _columns(dm: RecDataModule) -> list[str]:
-    return [str(c) for c in dm.data.interactions.columns]
-
-
-def rating_targets(dm: RecDataModule) -> RatingTargets:
-    name = dm.source.name
-    if "rating" not in dm.split.attrs:
+def rating_targets(split: Split, dataset: str, columns: list[str]) -> RatingTargets:
+    """The rating target space of `split`; `dataset` and its interaction `columns` name what
+    is missing in errors."""
+    name = dataset
+    if "rating" not in split.attrs:
         raise ConfigError(
             "head",
             "rating",
             f"a dataset with explicit ratings; `{name}` has no `rating` column (its "
-            f"interactions have {_columns(dm)}): use {IMPLICIT}, or data with ratings (e.g. "
+            f"interactions have {columns}): use {IMPLICIT}, or data with ratings (e.g. "
             "data=movielens_100k, or data=custom with data.source.interactions.rating)",
         )
-    train = np.array([v for v in _values(dm.split, "rating", ("train",)) if not _missing(v)])
+    train = np.array([v for v in _values(split, "rating", ("train",)) if not _missing(v)])
     if len(train) == 0:
         raise ConfigError(
             "head",
@@ -135,51 +131,54 @@ def rating_targets(dm: RecDataModule) -> RatingTargets:
         std=std if std > 0 else 1.0,
         low=float(train.min()),
         high=float(train.max()),
-        missing=sum(_missing(v) for v in _values(dm.split, "rating")),
+        missing=sum(_missing(v) for v in _values(split, "rating")),
     )
 
 
-def behaviour_targets(dm: RecDataModule) -> BehaviourTargets:
-    options = dm.behaviour_options
-    column = _behaviour_column(dm, options["column"])
+def behaviour_targets(
+    split: Split, options: BehaviourSettings, dataset: str, columns: list[str]
+) -> BehaviourTargets:
+    """The behaviour classes of `split` (data.behaviour: `options`); `dataset` and its
+    interaction `columns` name what is missing in errors."""
+    column = _behaviour_column(split, options.column, dataset, columns)
     if column == "behaviour":
-        present = {str(v) for v in _values(dm.split, column) if not _missing(v)}
+        present = {str(v) for v in _values(split, column) if not _missing(v)}
         classes, bounds = tuple(sorted(present)), ()
         if not classes:
             raise ConfigError(
-                "head", "behaviour", f"behaviour values; `{dm.source.name}`'s are all missing"
+                "head", "behaviour", f"behaviour values; `{dataset}`'s are all missing"
             )
     else:
-        classes, bounds = _buckets(options["rating_bounds"], options["rating_classes"])
+        classes, bounds = _buckets(options.rating_bounds, options.rating_classes)
     targets = BehaviourTargets(classes, column, bounds, (), 0)
-    train = [targets.encode(v) for v in _values(dm.split, column, ("train",))]
+    train = [targets.encode(v) for v in _values(split, column, ("train",))]
     counts = np.bincount([c for c in train if c is not None], minlength=len(classes))
-    missing = sum(_missing(v) for v in _values(dm.split, column))
+    missing = sum(_missing(v) for v in _values(split, column))
     return BehaviourTargets(classes, column, bounds, tuple(int(c) for c in counts), missing)
 
 
-def _behaviour_column(dm: RecDataModule, wanted: str) -> str:
+def _behaviour_column(split: Split, wanted: str, dataset: str, columns: list[str]) -> str:
     """`auto`: the behaviour column where there is one, else the rating (buckets)."""
     if wanted not in BEHAVIOUR_SOURCES:
         raise ConfigError("data.behaviour.column", wanted, f"one of {list(BEHAVIOUR_SOURCES)}")
-    have = [c for c in ("behaviour", "rating") if c in dm.split.attrs]
+    have = [c for c in ("behaviour", "rating") if c in split.attrs]
     if wanted == "auto" and have:
         return have[0]
     if wanted in have:
         return wanted
-    has = f"(its interactions have {_columns(dm)})"
+    has = f"(its interactions have {columns})"
     if wanted == "auto":
         raise ConfigError(
             "head",
             "behaviour",
             "a dataset with a `behaviour` column, or a `rating` column to bucket; "
-            f"`{dm.source.name}` has neither {has}: use {IMPLICIT}",
+            f"`{dataset}` has neither {has}: use {IMPLICIT}",
         )
     instead = "data.behaviour.column=auto" if have else IMPLICIT
     raise ConfigError(
         "data.behaviour.column",
         wanted,
-        f"a column the data has; `{dm.source.name}` has no `{wanted}` column {has}: use {instead}",
+        f"a column the data has; `{dataset}` has no `{wanted}` column {has}: use {instead}",
     )
 
 

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from recsys_lm.data.batches import SequenceBatch, pad
-from recsys_lm.data.examples import RankingSet
+from recsys_lm.data.datasets.examples import RankingSet
 from recsys_lm.data.split import Split
 from recsys_lm.data.text import TokenCache
 

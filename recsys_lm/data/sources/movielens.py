@@ -16,8 +16,9 @@ from typing import ClassVar
 
 import pandas as pd
 
-from recsys_lm.data.canonical import CanonicalData
+from recsys_lm.data.canonical import CanonicalData, latest_train_as_val
 from recsys_lm.data.download import dataset_folder, download, unzip
+from recsys_lm.data.readers import Layout, read_table
 from recsys_lm.errors import ConfigError, DataError
 
 ML100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
@@ -106,6 +107,13 @@ CSV_RELEASES = {
     ),
 }
 RATING_DTYPES = {"user_id": "int64", "item_id": "int64", "rating": "float32", "timestamp": "int64"}
+RATING_COLUMNS = tuple(RATING_DTYPES)
+CSV_RATINGS = ("userId", "movieId", "rating", "timestamp")
+ID, CSV_ID = ("item_id",), ("movieId",)  # what an item line must hold; its text may be empty
+MOVIE_COLUMNS = ("item_id", "title", "genres")
+CSV_MOVIES = ("movieId", "title", "genres")
+RATINGS_100K = Layout(RATING_COLUMNS, "\t", quoting=False, numeric=RATING_COLUMNS)
+FOLDS = (1, 2, 3, 4, 5)  # ml-100k's shipped 80/20 splits u1..u5 (disjoint test sets)
 
 
 @dataclass
@@ -119,6 +127,7 @@ class _MovieLens:
     min_rating: float | None = None  # keep only ratings >= this as interactions (None: all)
 
     name = "movielens"
+    parser_version: ClassVar[int] = 1  # bump when load() gives other output for the same files
     release: ClassVar[Release] = ML100K  # overridden per release (a property for the CSV family)
 
     @property
@@ -130,9 +139,12 @@ class _MovieLens:
 
     def raw_files(self) -> list[Path]:
         """The files `load` reads (what a cache key hashes)."""
-        path, release = self.path, self.release
+        path = self.path
         optional = [path / f for f in self._optional() if (path / f).exists()]
-        return [path / f for f in release.required] + optional
+        return [path / f for f in self._required()] + optional
+
+    def _required(self) -> tuple[str, ...]:
+        return self.release.required
 
     def _optional(self) -> tuple[str, ...]:
         return self.release.optional
@@ -153,7 +165,7 @@ class _MovieLens:
 
     def load(self) -> CanonicalData:
         path = self.path
-        missing = [f for f in self.release.required if not (path / f).exists()]
+        missing = [f for f in self._required() if not (path / f).exists()]
         if missing:
             raise DataError(
                 f"{path}: missing {missing}; expected the unzipped {self.release.unpacked} files "
@@ -174,22 +186,43 @@ class _MovieLens:
 
 @dataclass
 class MovieLens100K(_MovieLens):
-    """Reads `<root>/<folder>/u.data` and `u.item`; downloads the official zip if asked."""
+    """Reads `<root>/<folder>/u.data` and `u.item`; downloads the official zip if asked.
+
+    fold (1..5): read GroupLens's shipped split k instead of u.data: `u<k>.base` (80% of each
+    user's ratings) and `u<k>.test` (the other 20%; the five test sets are disjoint), as the
+    interaction column `part` for `data.split.method=predefined`. GroupLens ships no
+    validation set, so each user's latest `u<k>.base` rating in time (users with >= 2 there)
+    is `val` and the rest `train`; `test` is exactly `u<k>.test`.
+    """
 
     folder: str = "movielens-100k"
+    fold: int | None = None  # null: all of u.data, no `part`; 1..5: u<k>.base / u<k>.test
 
     name = "movielens_100k"
     release = ML100K
 
+    def __post_init__(self) -> None:
+        if self.fold is not None and self.fold not in FOLDS:
+            raise ConfigError("data.source.fold", self.fold, f"null or one of {list(FOLDS)}")
+
+    def _required(self) -> tuple[str, ...]:
+        if self.fold is None:
+            return self.release.required
+        return (f"u{self.fold}.base", f"u{self.fold}.test", "u.item")
+
     def _read(self, path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-        return self._items(path / "u.item"), self._ratings(path / "u.data")
+        items = self._items(path / "u.item")
+        if self.fold is None:
+            return items, self._ratings(path / "u.data")
+        base = self._ratings(path / f"u{self.fold}.base").assign(part="train")
+        test = self._ratings(path / f"u{self.fold}.test").assign(part="test")
+        return items, pd.concat([latest_train_as_val(base), test], ignore_index=True)
 
     @staticmethod
     def _ratings(file: Path) -> pd.DataFrame:
         return read_table(
             file,
-            "4 tab-separated integer columns (user, item, rating, timestamp)",
-            Layout("\t", 4, (0, 1, 2, 3)),
+            RATINGS_100K,
             sep="\t",
             header=None,
             names=list(RATING_DTYPES),
@@ -201,8 +234,7 @@ class MovieLens100K(_MovieLens):
         columns = ["item_id", "title", "release_date", "video_release_date", "url", *GENRES]
         frame = read_table(
             file,
-            "24 '|'-separated fields per movie",
-            Layout("|", 24, (0,), "latin-1"),
+            Layout(tuple(columns), "|", quoting=False, numeric=ID, required=ID, encoding="latin-1"),
             sep="|",
             header=None,
             names=columns,
@@ -232,8 +264,7 @@ class MovieLens1M(_MovieLens):
     def _read(self, path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         ratings = read_table(
             _colons(path / "ratings.dat"),
-            "UserID::MovieID::Rating::Timestamp (integers)",
-            Layout("::", 4, (0, 1, 2, 3)),
+            Layout(RATING_COLUMNS, "::", quoting=False, numeric=RATING_COLUMNS),
             sep="\t",
             header=None,
             names=list(RATING_DTYPES),
@@ -241,8 +272,7 @@ class MovieLens1M(_MovieLens):
         )
         movies = read_table(
             _colons(path / "movies.dat"),
-            "MovieID::Title::Genres",
-            Layout("::", 3, (0,), "latin-1"),
+            Layout(MOVIE_COLUMNS, "::", quoting=False, numeric=ID, required=ID, encoding="latin-1"),
             sep="\t",
             header=None,
             names=["item_id", "title", "genres"],
@@ -284,9 +314,7 @@ class MovieLensCSV(_MovieLens):
     def _read(self, path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         ratings = read_table(
             path / "ratings.csv",
-            "userId,movieId,rating,timestamp with numeric values",
-            Layout(",", 4, (0, 1, 2, 3), skip=1),
-            columns=["userId", "movieId", "rating", "timestamp"],
+            Layout(CSV_RATINGS, header=True, numeric=CSV_RATINGS),
             # pyarrow parses the 20M/25M files several times faster than the C engine.
             engine="pyarrow",
             dtype={
@@ -299,9 +327,7 @@ class MovieLensCSV(_MovieLens):
         ratings.columns = list(RATING_DTYPES)
         movies = read_table(
             path / "movies.csv",
-            "movieId,title,genres (RFC-4180 quoting)",
-            Layout(",", 3, (0,), skip=1),
-            columns=["movieId", "title", "genres"],
+            Layout(CSV_MOVIES, header=True, numeric=CSV_ID, required=CSV_ID),
             dtype={"movieId": "int64", "title": str, "genres": str},
             keep_default_na=False,
         ).rename(columns={"movieId": "item_id"})
@@ -334,9 +360,7 @@ def _tag_text(file: Path, cap: int) -> pd.Series:
     """movieId -> "tag, tag, ...": case-insensitive counts, most frequent first, then A-Z."""
     raw = read_table(
         file,
-        "userId,movieId,tag,timestamp",
-        Layout(",", 4, (0,), skip=1),
-        columns=["movieId", "tag"],
+        Layout(("movieId", "tag"), header=True, numeric=CSV_ID, required=CSV_ID),
         dtype={"movieId": "int64", "tag": str},
         keep_default_na=False,
     )
@@ -359,68 +383,3 @@ def _colons(file: Path) -> io.BytesIO | Path:
     buffer = io.BytesIO(file.read_bytes().replace(b"::", b"\t"))
     buffer.name = str(file)  # read_table names the real file in errors
     return buffer
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How a file is laid out, used only after a parse error to point at the bad line."""
-
-    sep: str
-    width: int  # fields per line
-    numeric: tuple[int, ...]  # 0-based fields that must be numbers
-    encoding: str = "utf-8"
-    skip: int = 0  # header lines
-
-
-def read_table(
-    source: Path | io.BytesIO,
-    expected: str,
-    layout: Layout,
-    columns: list[str] | None = None,
-    **kwargs,
-) -> pd.DataFrame:
-    """pd.read_csv whose errors name the file, the first bad line and what was expected.
-
-    `columns`: a header that must hold these names (only they are read).
-    """
-    file = Path(source.name) if isinstance(source, io.BytesIO) else Path(source)
-    if columns is not None:
-        _check_header(file, columns, layout.encoding)
-        kwargs["usecols"] = columns
-    try:
-        return pd.read_csv(source, **kwargs)
-    except (ValueError, pd.errors.ParserError) as err:
-        where = _bad_line(file, layout)
-        raise DataError(f"{file}{where}: expected {expected}: {err}") from err
-
-
-def _check_header(file: Path, columns: list[str], encoding: str) -> None:
-    with open(file, encoding=encoding, newline="") as handle:
-        header = next(csv.reader(handle), [])
-    missing = [c for c in columns if c not in header]
-    if missing:
-        raise DataError(
-            f"{file}, line 1: no column(s) {missing} in the header; it has {header}, "
-            f"expected {','.join(columns)}"
-        )
-
-
-def _bad_line(file: Path, layout: Layout) -> str:
-    """ ", line N: why" for the first line that breaks `layout` ("" if none is found)."""
-    with open(file, encoding=layout.encoding, errors="replace", newline="") as handle:
-        if len(layout.sep) == 1:
-            quoting = csv.QUOTE_MINIMAL if layout.sep == "," else csv.QUOTE_NONE
-            rows = csv.reader(handle, delimiter=layout.sep, quoting=quoting)
-        else:
-            rows = (line.rstrip("\r\n").split(layout.sep) for line in handle)
-        for number, fields in enumerate(rows, 1):
-            if number <= layout.skip or not fields:
-                continue
-            if len(fields) != layout.width:
-                return f", line {number}: {len(fields)} fields instead of {layout.width}"
-            for index in layout.numeric:
-                try:
-                    float(fields[index])
-                except ValueError:
-                    return f", line {number}, field {index + 1}: {fields[index]!r} is not a number"
-    return ""

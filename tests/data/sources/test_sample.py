@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 
-from recsys_lm.data.sample import SampleSource
+from recsys_lm.data.sources.sample import SampleSource
 from recsys_lm.errors import ConfigError
 
 

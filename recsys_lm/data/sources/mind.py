@@ -12,19 +12,19 @@ format: UTF-8, TAB-separated, no header.
 Canonical form:
 
 - items: item_id, title, abstract, category, subcategory; one row per news id.
-- interactions: the history clicks plus the clicked impression candidates (label 1).
+- interactions: the history clicks plus the clicked impression candidates (label 1); with
+  the official train + dev folders, also `part` (MIND's own protocol, see `MIND`).
 - impressions: every kept candidate (impression_id, user_id, item_id, timestamp, label, split).
 - dropped: what `missing_text="drop"` removed, by reason (see `MIND.load`).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 
 from recsys_lm.data.canonical import CanonicalData
 from recsys_lm.data.download import dataset_folder, download, unzip
+from recsys_lm.data.readers import Layout, bad_value, first_bad, read_strings_exact
 from recsys_lm.errors import ConfigError, DataError
 
 MIND_URL = "https://mind201910small.blob.core.windows.net/release/{split}.zip"
@@ -60,6 +61,9 @@ POLICIES = ("drop", "keep")
 # Impression ids restart at 1 in every split: the k-th split's ids are shifted by k * 10**9
 # (MIND ids are < 10**7), so the first split keeps its raw ids and all stay unique int64.
 SPLIT_OFFSET = 10**9
+# Folder name endings that say a split's role in MIND's protocol (see `MIND`).
+ROLES = {"_train": "train", "_dev": "test"}
+DAY = 86_400  # seconds; MIND times are read as UTC, so days are UTC calendar days
 
 
 @dataclass
@@ -74,6 +78,14 @@ class MIND:
       and the abstract "news <id> (no text)". The model then sees NO content for them: a
       template such as "{title}. {category}, {subcategory}." renders as ". , .", identical
       for every such item, so they can only be told apart by their popularity.
+
+    splits: with a `*_train` and a `*_dev` folder (and no other), e.g. the official
+    [MINDsmall_train, MINDsmall_dev], interactions get `part` for data.split.method=predefined,
+    reproducing MIND's protocol: clicks in the dev folder's impressions are "test"; clicks in
+    the train folder's are "train", except those on its last day (the UTC calendar day of its
+    latest impression), which are "val" (the MIND paper likewise tunes on the last day of its
+    training logs); history clicks happened before the logs and are "train". Any other set of
+    folders (the default single folder) gives no `part`.
     """
 
     root: str | None = None
@@ -82,6 +94,9 @@ class MIND:
     download: bool = False  # fetch <split>.zip from the official release when files are absent
     cache_dir: str = "~/.cache/recsys_lm"
     missing_text: str = "drop"  # drop | keep: news ids without a news.tsv row
+
+    # bump when load() gives other output for the same files; 2: `part` for train + dev folders
+    parser_version: ClassVar[int] = 2
 
     @property
     def name(self) -> str:
@@ -139,12 +154,15 @@ class MIND:
         candidates = pd.concat([c for c, _ in parsed], ignore_index=True)
         first_seen = candidates.groupby("user_id")["timestamp"].min()
         history = history_clicks(pd.concat([h for _, h in parsed], ignore_index=True), first_seen)
+        # From every candidate, before missing_text drops any: the last day is the file's.
+        roles = split_roles(splits)
+        val_from = last_day(candidates, roles) if roles else None
         if policy == "keep":
             items = pd.concat(
                 [news, placeholder_items(news, history, candidates)], ignore_index=True
             )
-            return self._canonical(items, history, candidates, {})
-        return self._canonical(news, *drop_without_text(news, history, candidates))
+            return self._canonical(items, history, candidates, {}, val_from)
+        return self._canonical(news, *drop_without_text(news, history, candidates), val_from)
 
     def _canonical(
         self,
@@ -152,8 +170,11 @@ class MIND:
         history: pd.DataFrame,
         candidates: pd.DataFrame,
         dropped: dict[str, int],
+        val_from: int | None = None,
     ) -> CanonicalData:
         interactions = interactions_from(history, candidates)
+        if val_from is not None:
+            interactions = with_parts(interactions, split_roles(self._splits()), val_from)
         if interactions.empty:
             hint = (
                 f" after dropping {dropped}; try data.source.missing_text=keep" if dropped else ""
@@ -201,68 +222,16 @@ class MIND:
 
 
 def read_tsv(file: Path, columns: tuple[str, ...]) -> pd.DataFrame:
-    """All columns as strings, one row per line; errors name the file and the line."""
-    raw = file.read_bytes()
-    if not raw.strip():
-        raise DataError(
-            f"{file}: file is empty; expected lines of {len(columns)} tab-separated columns "
-            f"({', '.join(columns)})"
-        )
-    check_utf8(file, raw)
-    check_columns(file, raw, columns)
-    try:
-        # QUOTE_NONE: titles contain bare quotes. lineterminator="\n" and keeping blank lines
-        # make row i exactly line i + 1 (as counted by check_columns), for error messages.
-        return pd.read_csv(
-            io.BytesIO(raw),
-            sep="\t",
-            header=None,
-            names=list(columns),
-            quoting=csv.QUOTE_NONE,
-            dtype=str,
-            keep_default_na=False,
-            skip_blank_lines=False,
-            lineterminator="\n",
-            encoding="utf-8",
-        )
-    except pd.errors.ParserError as err:
-        raise DataError(f"{file}: {err}") from err
-
-
-def check_utf8(file: Path, raw: bytes) -> None:
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise DataError(
-            f"{file}: line {line}: byte {raw[err.start]:#04x} is not valid UTF-8; "
-            f"expected a UTF-8 text file as MIND publishes it"
-        ) from err
-
-
-def check_columns(file: Path, raw: bytes, columns: tuple[str, ...]) -> None:
-    """Count tabs per line on the bytes: pandas pads short rows silently, so it cannot."""
-    buf = np.frombuffer(raw, dtype=np.uint8)
-    ends = np.flatnonzero(buf == ord("\n"))
-    if not raw.endswith(b"\n"):
-        ends = np.append(ends, len(raw))
-    starts = np.concatenate(([0], ends[:-1] + 1))
-    tabs = np.flatnonzero(buf == ord("\t"))
-    counts = np.searchsorted(tabs, ends) - np.searchsorted(tabs, starts) + 1
-    bad = np.flatnonzero(counts != len(columns))
-    if bad.size:
-        raise DataError(
-            f"{file}: line {bad[0] + 1}: expected {len(columns)} tab-separated columns "
-            f"({', '.join(columns)}), found {counts[bad[0]]} ({bad.size} such line(s))"
-        )
+    """All columns as strings, row i from line i + 1; errors name the file and the line."""
+    describe = f"{len(columns)} tab-separated columns ({', '.join(columns)})"
+    return read_strings_exact(file, Layout(columns, sep="\t", quoting=False, describe=describe))
 
 
 def read_news(file: Path) -> pd.DataFrame:
     news = read_tsv(file, NEWS_COLUMNS)
     repeated = news["news_id"].duplicated(keep="first")
     if repeated.any():
-        row = first_row(repeated)
-        raise DataError(f"{file}: line {row + 1}: news id {news['news_id'][row]!r} repeated")
+        raise first_bad(file, news["news_id"], repeated, "each news id once", "is repeated")
     return news[["news_id", *ITEM_COLUMNS]].rename(columns={"news_id": "item_id"})
 
 
@@ -283,14 +252,10 @@ def read_behaviors(file: Path, split: str, offset: int) -> tuple[pd.DataFrame, p
 def impression_ids(file: Path, column: pd.Series) -> np.ndarray:
     numeric = column.str.fullmatch(r"\d+")
     if not numeric.all():
-        row = first_row(~numeric)
-        raise DataError(
-            f"{file}: line {row + 1}: impression_id {column[row]!r}; expected an integer"
-        )
+        raise first_bad(file, column, ~numeric, "an integer")
     ids = column.astype("int64")
     if ids.duplicated().any():
-        row = first_row(ids.duplicated())
-        raise DataError(f"{file}: line {row + 1}: impression_id {ids[row]} repeated")
+        raise first_bad(file, ids, ids.duplicated(), "each impression id once", "is repeated")
     return ids.to_numpy()
 
 
@@ -298,9 +263,8 @@ def parse_times(file: Path, column: pd.Series) -> np.ndarray:
     """Unix seconds. MIND times carry no zone; read as UTC (only their order matters)."""
     times = pd.to_datetime(column, format=TIME_FORMAT, errors="coerce")
     if times.isna().any():
-        row = first_row(times.isna())
-        raise DataError(
-            f"{file}: line {row + 1}: time {column[row]!r}; expected the format {TIME_SHOWN}"
+        raise first_bad(
+            file, column, times.isna(), f"the format {TIME_SHOWN}", "is not a MIND time"
         )
     # The datetime unit varies with pandas (ns, us): cast to seconds explicitly.
     return times.to_numpy().astype("datetime64[s]").astype("int64")
@@ -310,16 +274,19 @@ def parse_candidates(file: Path, column: pd.Series, base: pd.DataFrame, split: s
     rows, tokens = split_tokens(column)
     empty = np.bincount(rows, minlength=len(column)) == 0
     if empty.any():
-        raise DataError(
-            f"{file}: line {np.flatnonzero(empty)[0] + 1}: no impression candidates; expected "
-            f"space-separated <news_id>-<0|1>"
-        )
+        expected = "space-separated <news_id>-<0|1> (at least one candidate)"
+        raise first_bad(file, column, empty, expected, "has no impression candidates")
     well_formed = tokens.str.fullmatch(CANDIDATE)
     if not well_formed.all():
         i = first_row(~well_formed)
-        raise DataError(
-            f"{file}: line {rows[i] + 1}: impression candidate {tokens[i]!r}; expected "
-            f"<news_id>-<0|1> (unlabelled logs such as MINDlarge_test are not supported)"
+        raise bad_value(
+            file,
+            rows[i] + 1,
+            str(column.name),
+            tokens[i],
+            "<news_id>-<0|1> per candidate (unlabelled logs such as MINDlarge_test are not "
+            "supported)",
+            "is not a labelled impression candidate",
         )
     frame = base.iloc[rows].reset_index(drop=True)
     frame["item_id"] = tokens.str[:-2]
@@ -359,6 +326,33 @@ def first_row(mask: pd.Series) -> int:
 
 
 # --- canonical form ------------------------------------------------------------------------
+
+
+def split_roles(splits: list[str]) -> list[str] | None:
+    """Each folder's role ("train" | "test") when the folders are train + dev ones, else None."""
+    roles = [role for split in splits for end, role in ROLES.items() if split.endswith(end)]
+    if len(roles) != len(splits) or set(roles) != set(ROLES.values()):
+        return None
+    return roles
+
+
+def last_day(candidates: pd.DataFrame, roles: list[str]) -> int:
+    """Start (unix s) of the UTC day of the train folders' latest impression: val from there."""
+    train = [k for k, role in enumerate(roles) if role == "train"]
+    in_train = (candidates["impression_id"] // SPLIT_OFFSET).isin(train)
+    return int(candidates.loc[in_train, "timestamp"].max()) // DAY * DAY
+
+
+def with_parts(interactions: pd.DataFrame, roles: list[str], val_from: int) -> pd.DataFrame:
+    """`part` per interaction (see `MIND`): a click's folder is its impression id's offset."""
+    impression = interactions["impression_id"]
+    clicked = impression.notna().to_numpy()
+    folder = (impression // SPLIT_OFFSET).fillna(-1).to_numpy("int64")
+    test = np.isin(folder, [k for k, role in enumerate(roles) if role == "test"])
+    # History clicks (no impression) precede the logs: train even when timed on the last day.
+    val = clicked & ~test & (interactions["timestamp"].to_numpy() >= val_from)
+    part = np.where(test, "test", np.where(val, "val", "train"))
+    return interactions.assign(part=part.astype(object))
 
 
 def history_clicks(raw: pd.DataFrame, first_seen: pd.Series) -> pd.DataFrame:

@@ -15,6 +15,8 @@ feedback existed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -168,12 +170,18 @@ class SampleSource:
     taste_prob: float = 0.35  # next item comes from a favourite category
     seed: int = 7
 
+    parser_version: ClassVar[int] = 1  # bump when the generated data changes for the same settings
+
     @property
     def name(self) -> str:
         return f"sample_{self.flavour}"
 
     def prepare(self) -> None:
         """Nothing to download: the data is generated in code."""
+
+    def raw_files(self) -> list[Path]:
+        """No files: the settings (and `parser_version`) are the whole cache key."""
+        return []
 
     def load(self) -> CanonicalData:
         if self.flavour not in FLAVOURS:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from recsys_lm.data.batches import CandidateBatch, LMBatch, pad
-from recsys_lm.data.examples import RankingSet, TwoTowerSet
+from recsys_lm.data.datasets.examples import RankingSet, TwoTowerSet
 from recsys_lm.data.text import TokenCache
 
 

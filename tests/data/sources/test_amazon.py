@@ -10,14 +10,14 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from recsys_lm.data import amazon
-from recsys_lm.data.amazon import MD5_2018, Amazon2018, Amazon2023
 from recsys_lm.data.download import file_digest
 from recsys_lm.data.markup import TitleFix, clean_title, first_sentence, join_text, strip_html
+from recsys_lm.data.sources import amazon
+from recsys_lm.data.sources.amazon import MD5_2018, Amazon2018, Amazon2023
 from recsys_lm.data.text import render
 from recsys_lm.errors import ConfigError, DataError
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 FOLDER = "amazon2018-magazine-subscriptions"
 SPAN = '<span class="a-size-medium a-color-secondary"'
 
@@ -193,7 +193,9 @@ def test_missing_key_in_meta(tmp_path):
 
 def test_non_integer_timestamp(tmp_path):
     root = files2018(tmp_path, [review(time="soon")])
-    with pytest.raises(DataError, match=r"line 1: key 'unixReviewTime' = 'soon'; expected an int"):
+    with pytest.raises(
+        DataError, match=r"line 1, column 'unixReviewTime': 'soon'; expected an int"
+    ):
         source(root).load()
 
 
@@ -266,10 +268,10 @@ def csv_folder(tmp_path: Path, text: str) -> Path:
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        ("i2,u2,4.0", r"line 2: column 'timestamp' is empty"),
-        ("i2,u2,five,20", r"line 2: column 'rating' = 'five' is not a number"),
-        ("i2,u2,4.0,noon", r"line 2: column 'timestamp' = 'noon' is not a number"),
-        ("i2,u2,4.0,20,extra", r"Expected 4 fields in line 2, saw 5"),
+        ("i2,u2,4.0", r"line 2: 3 fields instead of 4"),
+        ("i2,u2,five,20", r"line 2, column 'rating': 'five' is not a number"),
+        ("i2,u2,4.0,noon", r"line 2, column 'timestamp': 'noon' is not a number"),
+        ("i2,u2,4.0,20,extra", r"line 2: 5 fields instead of 4"),
     ],
 )
 def test_bad_csv_row_names_line_and_column(tmp_path, row, message):
@@ -506,7 +508,9 @@ def test_2023_milliseconds_and_parent_asin(tmp_path, suffix):
 
 def test_2023_seconds_are_rejected(tmp_path):
     root = files2023(tmp_path, [review23("u1", "a", "P1", 1_588_687_728)], [meta23("P1", "X")])
-    with pytest.raises(DataError, match=r"All_Beauty\.jsonl\.gz, line 1: .*unix milliseconds"):
+    with pytest.raises(
+        DataError, match=r"All_Beauty\.jsonl\.gz, line 1, column 'timestamp': .*unix milliseconds"
+    ):
         Amazon2023(root=str(root), category="All_Beauty").load()
 
 

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from recsys_lm.data import movielens
 from recsys_lm.data.download import resolve_root
-from recsys_lm.data.movielens import MovieLens1M, MovieLens100K, MovieLensCSV
+from recsys_lm.data.sources import movielens
+from recsys_lm.data.sources.movielens import MovieLens1M, MovieLens100K, MovieLensCSV
 from recsys_lm.errors import ConfigError, DataError
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[4] / "shared" / "data"
 
 
 @pytest.mark.real_data
@@ -197,7 +197,9 @@ def test_1m_format_with_latin1_titles(tmp_path):
 
 def test_1m_malformed_line_is_named(tmp_path):
     write_1m(tmp_path / "movielens-1m", b"1::1::5::978300760\n1::2::five::978302109\n")
-    with pytest.raises(DataError, match=r"ratings.dat, line 2, field 3: 'five' is not a number"):
+    with pytest.raises(
+        DataError, match=r"ratings.dat, line 2, column 'rating': 'five' is not a number"
+    ):
         MovieLens1M(root=str(tmp_path)).load()
 
 
@@ -208,3 +210,24 @@ def test_100k_records_the_rating_filter_in_dropped(tmp_path):
     (folder / "u.item").write_text("2|Heat (1995)|01-Jan-1995||url" + "|0" * 19 + "\n")
     data = MovieLens100K(root=str(tmp_path), min_rating=4).load()
     assert data.dropped == {"rating < 4": 1} and len(data.interactions) == 1
+
+
+@pytest.mark.real_data
+def test_100k_fold_1_is_the_shipped_split(ml100k_root):
+    from recsys_lm.data.split import make_split
+
+    source = MovieLens100K(root=str(ml100k_root), fold=1)
+    assert [f.name for f in source.raw_files()] == ["u1.base", "u1.test", "u.item"]
+    data = source.load()
+    parts = data.interactions["part"].value_counts().to_dict()
+    # u1.test holds 20,000 ratings; val is each u1.base user's latest rating (943 users).
+    assert parts == {"train": 80_000 - 943, "val": 943, "test": 20_000}
+    users = {u: i for i, u in enumerate(data.interactions["user_id"].unique())}
+    items = {m: i for i, m in enumerate(data.items["item_id"])}
+    frame = data.interactions.assign(
+        user=data.interactions["user_id"].map(users), item=data.interactions["item_id"].map(items)
+    )[["user", "item", "timestamp", "part"]]
+    split = make_split(frame, len(users), "predefined")
+    assert sum(map(len, split.test)) == 20_000 and sum(map(len, split.val)) == 943
+    with pytest.raises(ConfigError, match="data.source.fold"):
+        MovieLens100K(root=str(ml100k_root), fold=6)

@@ -12,8 +12,9 @@ import pytest
 from hydra.utils import instantiate
 
 from recsys_lm.data import download as download_module
-from recsys_lm.data import mind
-from recsys_lm.data.mind import MIND, SPLIT_OFFSET, read_behaviors
+from recsys_lm.data.sources import mind
+from recsys_lm.data.sources.mind import MIND, SPLIT_OFFSET, read_behaviors
+from recsys_lm.data.split import make_split
 from recsys_lm.data.text import render
 from recsys_lm.errors import ConfigError, DataError
 from tests.conftest import make_config
@@ -215,6 +216,70 @@ def test_splits_merge_with_unique_impression_ids(tmp_path):
     assert source.raw_files()[-1] == tmp_path / FOLDER / "MINDsmall_dev" / "behaviors.tsv"
 
 
+DEV = "MINDsmall_dev"
+DEV_BEHAVIORS = [
+    "1\tU1\t11/15/2019 8:00:00 AM\tN1 N9 N2\tN1-1 N3-0",
+    "2\tU3\t11/15/2019 9:00:00 AM\tN2\tN3-1 N1-0",  # a user only in dev
+]
+
+
+def test_train_and_dev_folders_give_mind_protocol_parts(tmp_path):
+    write_split(tmp_path)
+    write_split(tmp_path, behaviors=DEV_BEHAVIORS, split=DEV)
+    data = MIND(root=str(tmp_path), splits=[SPLIT, DEV], missing_text="keep").load()
+    # History clicks precede the logs: train, even U3's (timed just before its dev impression).
+    assert (
+        data.interactions.loc[data.interactions["impression_id"].isna(), "part"] == "train"
+    ).all()
+    clicks = data.interactions.dropna(subset=["impression_id"])
+    parts = clicks.set_index(["user_id", "impression_id"])["part"].to_dict()
+    # Train folder: its last day is 11/13, so U1's 11/13 click is val; dev clicks are test.
+    assert parts == {
+        ("U1", 1): "train",
+        ("U1", 2): "val",
+        ("U2", 3): "train",
+        ("U1", SPLIT_OFFSET + 1): "test",
+        ("U3", SPLIT_OFFSET + 2): "test",
+    }
+    assert MIND.parser_version == 2
+
+
+def test_predefined_split_from_train_and_dev_folders(tmp_path):
+    write_split(tmp_path)
+    write_split(tmp_path, behaviors=DEV_BEHAVIORS, split=DEV)
+    inter = MIND(root=str(tmp_path), splits=[DEV, SPLIT]).load().interactions  # order is free
+    users = {u: k for k, u in enumerate(inter["user_id"].unique())}
+    items = {i: k for k, i in enumerate(inter["item_id"].unique())}
+    frame = pd.DataFrame(
+        {
+            "user": inter["user_id"].map(users),
+            "item": inter["item_id"].map(items),
+            "timestamp": inter["timestamp"],
+            "part": inter["part"],
+        }
+    )
+    split = make_split(frame, len(users), "predefined")
+    u1, u3 = users["U1"], users["U3"]
+    names = {k: i for i, k in items.items()}
+    assert [names[i] for i in split.train[u1]] == ["N1", "N2", "N3"]  # N9: no text, dropped
+    assert [names[i] for i in split.val[u1]] == ["N2"]
+    assert [names[i] for i in split.test[u1]] == ["N1"]
+    assert [names[i] for i in split.history(u3, "test")] == ["N2"]
+    assert [names[i] for i in split.test[u3]] == ["N3"]
+
+
+@pytest.mark.parametrize("splits", [[SPLIT], [SPLIT, "MINDsmall_extra"], [DEV]])
+def test_other_folders_have_no_part_and_predefined_refuses(tmp_path, splits):
+    write_split(tmp_path)
+    write_split(tmp_path, split="MINDsmall_extra")
+    write_split(tmp_path, behaviors=DEV_BEHAVIORS, split=DEV)
+    inter = MIND(root=str(tmp_path), splits=splits).load().interactions
+    assert "part" not in inter.columns
+    frame = pd.DataFrame({"user": 0, "item": 0, "timestamp": inter["timestamp"]})
+    with pytest.raises(ConfigError, match=r"data.split.method.*a `part` column"):
+        make_split(frame, 1, "predefined")
+
+
 def test_windows_line_endings_are_read(tmp_path):
     write_split(tmp_path, end="\r\n")
     data = MIND(root=str(tmp_path), missing_text="keep").load()
@@ -241,15 +306,15 @@ LONG_LOG = "3\tU2\t11/11/2019 1:00:00 AM\t\tN1-0 N3-1\textra"  # 6
 @pytest.mark.parametrize(
     ("name", "news", "behaviors", "line", "found"),
     [
-        ("news.tsv", [NEWS[0], SHORT_NEWS, NEWS[2]], BEHAVIORS, 2, "8 .* found 7"),
-        ("behaviors.tsv", NEWS, [*BEHAVIORS[:2], SHORT_LOG], 3, "5 .* found 4"),
-        ("behaviors.tsv", NEWS, [*BEHAVIORS[:2], LONG_LOG], 3, "5 .* found 6"),
-        ("behaviors.tsv", NEWS, [BEHAVIORS[0], "", *BEHAVIORS[1:]], 2, "5 .* found 1"),
+        ("news.tsv", [NEWS[0], SHORT_NEWS, NEWS[2]], BEHAVIORS, 2, "7 fields instead of 8"),
+        ("behaviors.tsv", NEWS, [*BEHAVIORS[:2], SHORT_LOG], 3, "4 fields instead of 5"),
+        ("behaviors.tsv", NEWS, [*BEHAVIORS[:2], LONG_LOG], 3, "6 fields instead of 5"),
+        ("behaviors.tsv", NEWS, [BEHAVIORS[0], "", *BEHAVIORS[1:]], 2, "1 fields instead of 5"),
     ],
 )
 def test_wrong_column_count_names_file_and_line(tmp_path, name, news, behaviors, line, found):
     write_split(tmp_path, news=news, behaviors=behaviors)
-    with pytest.raises(DataError, match=rf"{name}: line {line}: expected {found}"):
+    with pytest.raises(DataError, match=rf"{name}, line {line}: {found} .*; expected"):
         MIND(root=str(tmp_path)).load()
 
 
@@ -258,7 +323,9 @@ def test_wrong_column_count_names_file_and_line(tmp_path, name, news, behaviors,
 )
 def test_bad_time_names_line_and_format(tmp_path, time):
     write_split(tmp_path, behaviors=[*BEHAVIORS[:1], f"2\tU1\t{time}\tN1\tN2-1"])
-    with pytest.raises(DataError, match=r"behaviors.tsv: line 2: time .*M/D/YYYY h:mm:ss AM/PM"):
+    with pytest.raises(
+        DataError, match=r"behaviors.tsv, line 2, column 'time': .*M/D/YYYY h:mm:ss AM/PM"
+    ):
         MIND(root=str(tmp_path)).load()
 
 
@@ -267,13 +334,16 @@ def test_bad_candidate_names_line(tmp_path, token):
     write_split(
         tmp_path, behaviors=[*BEHAVIORS[:2], f"3\tU2\t11/11/2019 1:00:00 AM\t\tN1-0 {token}"]
     )
-    with pytest.raises(DataError, match=r"behaviors.tsv: line 3: impression candidate .*<0\|1>"):
+    with pytest.raises(DataError, match=r"behaviors.tsv, line 3, column 'impressions': .*<0\|1>"):
         MIND(root=str(tmp_path)).load()
 
 
 def test_impression_without_candidates_names_line(tmp_path):
     write_split(tmp_path, behaviors=[*BEHAVIORS[:1], "2\tU1\t11/13/2019 9:00:00 AM\tN1\t"])
-    with pytest.raises(DataError, match=r"behaviors.tsv: line 2: no impression candidates"):
+    with pytest.raises(
+        DataError,
+        match=r"behaviors.tsv, line 2, column 'impressions': '' has no impression candidates",
+    ):
         MIND(root=str(tmp_path)).load()
 
 
@@ -288,7 +358,7 @@ def test_empty_file_names_the_file(tmp_path, name):
 def test_non_utf8_bytes_name_the_file_and_line(tmp_path):
     news = "\n".join(NEWS).encode().replace(b"Second", b"S\xe9cond") + b"\n"
     write_split(tmp_path, news=news)
-    with pytest.raises(DataError, match=r"news.tsv: line 2: byte 0xe9 is not valid UTF-8"):
+    with pytest.raises(DataError, match=r"news.tsv, line 2: byte 0xe9 at column 17 is not UTF-8"):
         MIND(root=str(tmp_path)).load()
 
 
@@ -308,10 +378,12 @@ def test_missing_files_and_bad_settings(tmp_path, monkeypatch):
 
 def test_repeated_ids_name_the_line(tmp_path):
     write_split(tmp_path, news=[*NEWS, NEWS[0]])
-    with pytest.raises(DataError, match=r"news.tsv: line 4: news id 'N1' repeated"):
+    with pytest.raises(DataError, match=r"news.tsv, line 4, column 'news_id': 'N1' is repeated"):
         MIND(root=str(tmp_path)).load()
     write_split(tmp_path, behaviors=[*BEHAVIORS, BEHAVIORS[0]])
-    with pytest.raises(DataError, match=r"behaviors.tsv: line 4: impression_id 1 repeated"):
+    with pytest.raises(
+        DataError, match=r"behaviors.tsv, line 4, column 'impression_id': 1 is repeated"
+    ):
         MIND(root=str(tmp_path)).load()
 
 

@@ -1,0 +1,41 @@
+"""`run_baselines`: the baselines a run lists, each fitted and scored on val and test."""
+
+from __future__ import annotations
+
+import logging
+
+from recsys_lm.baselines.evaluate import evaluate_scores
+from recsys_lm.baselines.registry import BASELINES
+from recsys_lm.data.prepared import PreparedData
+from recsys_lm.data.tasks import TASKS
+from recsys_lm.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def run_baselines(
+    data: PreparedData, names: list[str], options: dict[str, dict] | None = None
+) -> dict[str, dict]:
+    """{name: {"val": metrics, "test": metrics}}, or {name: {"skipped": why}} for a baseline
+    that does not apply to the task. `options[name]` are the baseline's keyword arguments
+    (conf/train.yaml `baseline_options`)."""
+    options = options or {}
+    for name in names:  # a misspelt name stops the run before anything is fitted
+        if name not in BASELINES:
+            raise ConfigError("baselines", name, f"names among {list(BASELINES)}")
+    out: dict[str, dict] = {}
+    for name in names:
+        if name not in data.task.baselines:
+            out[name] = {"skipped": _why_skipped(name, data)}
+            log.warning("baseline %s", out[name]["skipped"])
+            continue
+        baseline = BASELINES[name].build(data, **options.get(name, {}))
+        out[name] = {stage: evaluate_scores(data, stage, baseline) for stage in ("val", "test")}
+    return out
+
+
+def _why_skipped(name: str, data: PreparedData) -> str:
+    task = data.task.name
+    serves = [t.name for t in TASKS.values() if name in t.baselines]
+    why = f"`{name}` does not apply to task `{task}` (it serves {serves})"
+    return f"{why}; for `{task}` use baselines={list(data.task.baselines)}"

@@ -1,0 +1,197 @@
+"""The composition root: every object a run needs is built here, from a composed config.
+
+`train.py`, the benchmarks, the tests and (later) serving call these builders; nothing else
+instantiates the module, the data, the callbacks or a saved model.
+
+    check_config(cfg)            every typed check, before any data or weights are loaded
+    build_module(cfg)            backbone + PEFT + freezing + head -> RecsysLM
+    build_datamodule(cfg, m)     source + data settings -> RecDataModule (prepares on setup)
+    build_callbacks(cfg, task)   Lightning callbacks; `monitor: auto` -> the task's metric
+    load_model(dir)              a saved model (models/export.py wrote it) -> RecsysLM
+    load_run(dir)                a finished run's model with its prepared data attached
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from recsys_lm.baselines import BASELINES
+from recsys_lm.data.datamodule import RecDataModule
+from recsys_lm.data.prepared import PreparedData, prepare
+from recsys_lm.data.settings import DataSettings, data_settings
+from recsys_lm.data.task import Task
+from recsys_lm.data.tasks import get_task
+from recsys_lm.errors import ConfigError
+from recsys_lm.models.adapters import make_peft_config
+from recsys_lm.models.export import CONFIG, WEIGHTS
+from recsys_lm.models.heads.base import Head
+from recsys_lm.models.module import RecsysLM
+
+LR_MONITOR = "LearningRateMonitor"
+HYDRA_KEYS = ("_target_", "_convert_", "_recursive_", "_partial_", "_args_")
+
+
+@dataclass
+class Checked:
+    """What `check_config` established: the typed data settings, the source object (built,
+    not loaded), the head class and its task."""
+
+    settings: DataSettings
+    source: Any
+    head_class: type[Head]
+    task: Task
+
+
+def check_config(cfg: DictConfig) -> Checked:
+    """Refuse a config that cannot work before anything is loaded: unknown or mistyped
+    `data.*` keys, keys a head or a source does not take, an eval mode the task cannot do."""
+    head_class = _class_of(cfg.head.net, "head.net")
+    if not (isinstance(head_class, type) and issubclass(head_class, Head)):
+        raise ConfigError(
+            "head.net._target_", cfg.head.net._target_, "a subclass of recsys_lm Head"
+        )
+    check_arguments(head_class, cfg.head.net, "head.net", skip=("hidden_size",))
+    task = get_task(head_class.task)
+    settings = data_settings(cfg.data)
+    task.eval_mode(settings.eval_mode)
+    check_arguments(_class_of(cfg.data.source, "data.source"), cfg.data.source, "data.source")
+    source = _instantiate(cfg.data.source, "data.source")
+    unknown = [name for name in baseline_names(cfg, task) if name not in BASELINES]
+    if unknown:  # found now, not after the model has trained
+        raise ConfigError("baselines", unknown, f"names among {list(BASELINES)}")
+    return Checked(settings, source, head_class, task)
+
+
+def check_arguments(cls: type, node: DictConfig, key: str, skip: tuple[str, ...] = ()) -> None:
+    """Every key of `node` must be a parameter of `cls` (its `__init__`); names the first
+    that is not, with the ones that are."""
+    parameters = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    allowed = [name for name in parameters if name not in skip]
+    for name in node:
+        if name not in HYDRA_KEYS and name not in allowed:
+            raise ConfigError(
+                f"{key}.{name}", node[name], f"a parameter of {cls.__name__}: one of {allowed}"
+            )
+
+
+def _class_of(node: DictConfig, key: str) -> type:
+    try:
+        return get_class(node._target_)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(
+            f"{key}._target_", node.get("_target_"), f"an importable class: {err}"
+        ) from err
+
+
+def _instantiate(node: DictConfig, key: str, **kwargs) -> Any:
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from err
+        raise ConfigError(
+            key, node.get("_target_"), f"valid arguments: {err.__cause__ or err}"
+        ) from err
+
+
+def build_module(cfg: DictConfig) -> RecsysLM:
+    """Backbone + head + strategies from a composed config (train.yaml or a saved model.yaml)."""
+    backbone = instantiate(cfg.backbone)
+    head = _instantiate(cfg.head.net, "head.net", hidden_size=backbone.hidden_size)
+    return RecsysLM(
+        backbone,
+        head,
+        peft_name=cfg.peft.name,
+        peft_config=make_peft_config(cfg.peft.name, cfg.peft.config),
+        freeze=instantiate(cfg.freeze),
+        k=cfg.data.k,
+        eval_batch_size=cfg.data.eval_batch_size,
+        **cfg.optim,
+    )
+
+
+def build_datamodule(cfg: DictConfig, module: RecsysLM, checked: Checked | None = None):
+    """The RecDataModule for `cfg`, tokenizing with the module's backbone for its task."""
+    checked = checked or check_config(cfg)
+    backbone = module.backbone
+    return RecDataModule(
+        checked.source, checked.settings, module.task, backbone.tokenizer, backbone.max_length
+    )
+
+
+def build_callbacks(cfg: DictConfig, task: Task, logging: bool = True) -> list:
+    """Every entry of `callbacks` (`~callbacks.<name>` drops one); `monitor: auto` and
+    `mode: auto` become the task's validation metric at data.k and its direction. Without a
+    logger (`logging=False`, logger=none) the LR monitor, which only writes to loggers, is
+    left out: Lightning refuses it there."""
+    monitor = f"val/{task.monitor_metric(cfg.data.k)}"
+    out = []
+    for node in (cfg.get("callbacks") or {}).values():
+        if node is None or (not logging and node.get("_target_", "").endswith(LR_MONITOR)):
+            continue
+        overrides = {}
+        if node.get("monitor") == "auto":
+            overrides["monitor"] = monitor
+        if node.get("mode") == "auto":
+            overrides["mode"] = task.monitor_mode
+        out.append(instantiate(node, **overrides))
+    return out
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    return [instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
+
+
+def baseline_names(cfg: DictConfig, task: Task) -> list[str]:
+    """`baselines`, or the task's defaults when it is null."""
+    names = cfg.get("baselines")
+    return list(task.default_baselines if names is None else names)
+
+
+# -- saved models ---------------------------------------------------------------------------
+def load_model(directory: str | Path) -> RecsysLM:
+    """Rebuild a model saved by `recsys_lm.models.export.save_model`, in eval mode. Heads
+    resize their data-sized tensors from the saved weights (Head.data_sized), so no data is
+    needed; `load_run` also attaches the data for `score` / `recommend`."""
+    directory = Path(directory)
+    cfg = OmegaConf.load(directory / CONFIG)
+    module = build_module(cfg)
+    state = torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True)
+    _, unexpected = module.load_state_dict(state, strict=False)
+    if unexpected:
+        raise RuntimeError(f"{directory / WEIGHTS}: weights the model does not have: {unexpected}")
+    return module.eval()
+
+
+@dataclass
+class Run:
+    """A trained run, ready for inference: `model.recommend(data.history(user), k=10)`."""
+
+    model: RecsysLM
+    data: PreparedData
+    config: DictConfig
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """The model of a finished run (`<run>/model`) with its data prepared again (from the
+    Parquet and token caches: seconds) and attached, using the run's own config."""
+    run_dir = Path(run_dir)
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    model = load_model(run_dir / "model")
+    checked = check_config(cfg)
+    backbone = model.backbone
+    data = prepare(
+        checked.source, checked.settings, model.task, backbone.tokenizer, backbone.max_length
+    )
+    model.attach(data)
+    return Run(model.eval(), data, cfg)
