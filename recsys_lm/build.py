@@ -6,6 +6,7 @@ instantiates the module, the data, the callbacks or a saved model.
     check_config(cfg)            every typed check, before any data or weights are loaded
     build_module(cfg)            backbone + PEFT + freezing + head -> RecsysLM
     build_datamodule(cfg, m)     source + data settings -> RecDataModule (prepares on setup)
+    build_trainer(cfg, task)     Lightning Trainer with the loggers and callbacks
     build_callbacks(cfg, task)   Lightning callbacks; `monitor: auto` -> the task's metric
     load_model(dir)              a saved model (models/export.py wrote it) -> RecsysLM
     load_run(dir)                a finished run's model with its prepared data attached
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
@@ -150,6 +152,13 @@ def build_callbacks(cfg: DictConfig, task: Task, logging: bool = True) -> list:
 
 def build_loggers(cfg: DictConfig) -> list:
     return [instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
+
+
+def build_trainer(cfg: DictConfig, task: Task) -> L.Trainer:
+    """`trainer.*` with the run's loggers and callbacks (its `loggers` are the run's)."""
+    loggers = build_loggers(cfg)
+    callbacks = build_callbacks(cfg, task, logging=bool(loggers))
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
 def baseline_names(cfg: DictConfig, task: Task) -> list[str]:

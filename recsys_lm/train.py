@@ -14,17 +14,16 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from recsys_lm.baselines import run_baselines
 from recsys_lm.build import (
     baseline_names,
-    build_callbacks,
     build_datamodule,
-    build_loggers,
     build_module,
+    build_trainer,
     check_config,
 )
 from recsys_lm.errors import ConfigError, RecsysLMError
@@ -72,8 +71,8 @@ def train(cfg: DictConfig) -> dict:
         100 * params["trainable"] / params["total"],
     )
 
-    loggers = build_loggers(cfg)
-    callbacks = build_callbacks(cfg, checked.task, logging=bool(loggers))
+    trainer = build_trainer(cfg, checked.task)
+    loggers = trainer.loggers
     for logger in loggers:
         logger.log_hyperparams(
             {
@@ -82,7 +81,6 @@ def train(cfg: DictConfig) -> dict:
                 "params": params,
             }
         )
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     setup_s = time.perf_counter() - started
 
     fit_start = time.perf_counter()

@@ -150,6 +150,18 @@ def task_behaviour_targets(data: PreparedData):
     )
 
 
+def ranking_task(name: str, build, **fields) -> Task:
+    """A next-item ranking task: full ranking by default, NDCG@k watched, item scorers as
+    baselines (popularity reported by default)."""
+    defaults = {
+        "eval_modes": ("full", "sampled"),
+        "monitor": "ndcg@{k}",
+        "baselines": ITEM_SCORERS,
+        "default_baselines": ("popularity",),
+    }
+    return Task(name, build, RankingMetrics, **{**defaults, **fields})
+
+
 POINTWISE = "a value is predicted for each held-out interaction; nothing is ranked"
 
 TASKS: dict[str, Task] = {}
@@ -180,32 +192,12 @@ for _task in (
         check=check_click_labels,
         protocol=click_protocol,
     ),
-    Task(
-        "retrieval",
-        retrieval_dataset,
-        RankingMetrics,
-        eval_modes=("full", "sampled"),
-        monitor="ndcg@{k}",
-        baselines=ITEM_SCORERS,
-        default_baselines=("popularity",),
-    ),
-    Task(
-        "sequential",
-        sequential_dataset,
-        RankingMetrics,
-        eval_modes=("full", "sampled"),
-        monitor="ndcg@{k}",
-        baselines=ITEM_SCORERS,
-        default_baselines=("popularity",),
-    ),
-    Task(
+    ranking_task("retrieval", retrieval_dataset),
+    ranking_task("sequential", sequential_dataset),
+    ranking_task(  # candidates' title log-likelihoods
         "generative_ranking",
         generative_ranking_dataset,
-        RankingMetrics,  # candidates' title log-likelihoods, sampled mode
         eval_modes=("sampled",),
-        monitor="ndcg@{k}",
-        baselines=ITEM_SCORERS,
-        default_baselines=("popularity",),
         why="each candidate's title is scored by a forward pass of the decoder, so full "
         "ranking costs n_items passes per user (1,682 for MovieLens-100K); rank the held-out "
         "item among data.eval_negatives sampled ones",

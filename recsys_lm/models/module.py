@@ -70,6 +70,7 @@ class RecsysLM(L.LightningModule):
         self.val_metrics = self.task.metrics(k)
         self.test_metrics = self.task.metrics(k)
         self._indexed = False  # whether on_eval_start ran since the weights last changed
+        self.register_load_state_dict_post_hook(_weights_changed)
         # from_pretrained returns modules in eval mode; Lightning keeps each module's mode, so
         # dropout would silently stay off during fine-tuning.
         self.train()
@@ -179,6 +180,10 @@ class RecsysLM(L.LightningModule):
         if not self._indexed:
             self._begin_eval()
         return self.head.recommend(self.backbone, history, k, exclude)
+
+
+def _weights_changed(module: RecsysLM, incompatible_keys) -> None:
+    module._indexed = False  # loaded weights: item vectors must be computed again
 
 
 def _batch_size(batch) -> int:

@@ -5,7 +5,7 @@ behaviour type: the `behaviour` column where a dataset has one (e.g. view / clic
 a rating bucket (e.g. 1-2 negative, 3 neutral, 4-5 positive; `data.behaviour`).
 
 The target space (rating statistics, class names) is computed once from the split, before any
-dataset is built, and shared by the datasets, the head (`set_targets`), the baselines and the
+dataset is built, and shared by the datasets, the head (`attach`), the baselines and the
 protocol written to metrics.json. Nothing is ranked: every held-out interaction is one
 prediction (eval_mode `pointwise`).
 """

@@ -35,6 +35,21 @@ MAPPING = {
 }
 
 
+def custom_overrides(root: Path, interactions: str) -> list[str]:
+    """`data=custom` mapped onto the test files in `root`; `interactions` names the file(s)."""
+    return [
+        "data=custom",
+        f"data.root={root}",
+        interactions,
+        "data.source.interactions.user=customer",
+        "data.source.interactions.item=sku",
+        "data.source.interactions.time=ts",
+        "data.source.items.path=products.csv",
+        "data.source.items.id=sku",
+        "data.source.items.text=[name,brand]",
+    ]
+
+
 def write_csv(tmp_path: Path, events: pd.DataFrame = EVENTS) -> None:
     events.to_csv(tmp_path / "events.csv", index=False)
     PRODUCTS.to_csv(tmp_path / "products.csv", index=False)
@@ -185,15 +200,7 @@ def test_config_requires_the_mapping_and_loads_with_it(config, tmp_path):
         instantiate(config(["data=custom"], fast=False).data.source)
     write_csv(tmp_path)
     overrides = [
-        "data=custom",
-        f"data.root={tmp_path}",
-        "data.source.interactions.path=events.csv",
-        "data.source.interactions.user=customer",
-        "data.source.interactions.item=sku",
-        "data.source.interactions.time=ts",
-        "data.source.items.path=products.csv",
-        "data.source.items.id=sku",
-        "data.source.items.text=[name,brand]",
+        *custom_overrides(tmp_path, "data.source.interactions.path=events.csv"),
         "data.item_template='{name}. Brand: {brand}.'",
         "data.history_template='{name}'",
     ]
@@ -331,16 +338,8 @@ def test_bad_file_settings_name_the_key(tmp_path, interactions, key):
 
 def test_config_takes_files_instead_of_path(config, tmp_path):
     write_parts(tmp_path)
-    overrides = [
-        "data=custom",
-        f"data.root={tmp_path}",
-        "data.source.interactions.files={train:train.csv,val:val.parquet,test:test.csv}",
-        "data.source.interactions.user=customer",
-        "data.source.interactions.item=sku",
-        "data.source.interactions.time=ts",
-        "data.source.items.path=products.csv",
-        "data.source.items.id=sku",
-        "data.source.items.text=[name,brand]",
-    ]
+    overrides = custom_overrides(
+        tmp_path, "data.source.interactions.files={train:train.csv,val:val.parquet,test:test.csv}"
+    )
     data = instantiate(config(overrides, fast=False).data.source).load()
     assert data.interactions["part"].tolist() == ["train"] * 3 + ["val", "test"]
