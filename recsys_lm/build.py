@@ -25,7 +25,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from recsys_lm.baselines import BASELINES
+from recsys_lm.baselines import check_names as check_baseline_names
 from recsys_lm.data.datamodule import RecDataModule
 from recsys_lm.data.prepared import PreparedData, prepare
 from recsys_lm.data.settings import DataSettings, data_settings
@@ -66,9 +66,7 @@ def check_config(cfg: DictConfig) -> Checked:
     task.eval_mode(settings.eval_mode)
     check_arguments(_class_of(cfg.data.source, "data.source"), cfg.data.source, "data.source")
     source = _instantiate(cfg.data.source, "data.source")
-    unknown = [name for name in baseline_names(cfg, task) if name not in BASELINES]
-    if unknown:  # found now, not after the model has trained
-        raise ConfigError("baselines", unknown, f"names among {list(BASELINES)}")
+    check_baseline_names(baseline_names(cfg, task))  # now, not after the model has trained
     return Checked(settings, source, head_class, task)
 
 

@@ -7,6 +7,13 @@
 
 from recsys_lm.baselines.evaluate import evaluate_points, evaluate_scores
 from recsys_lm.baselines.registry import BASELINES, Baseline
-from recsys_lm.baselines.run import run_baselines
+from recsys_lm.baselines.run import check_names, run_baselines
 
-__all__ = ["BASELINES", "Baseline", "evaluate_points", "evaluate_scores", "run_baselines"]
+__all__ = [
+    "BASELINES",
+    "check_names",
+    "Baseline",
+    "evaluate_points",
+    "evaluate_scores",
+    "run_baselines",
+]

@@ -20,9 +20,7 @@ def run_baselines(
     that does not apply to the task. `options[name]` are the baseline's keyword arguments
     (conf/train.yaml `baseline_options`)."""
     options = options or {}
-    for name in names:  # a misspelt name stops the run before anything is fitted
-        if name not in BASELINES:
-            raise ConfigError("baselines", name, f"names among {list(BASELINES)}")
+    check_names(names)  # a misspelt name stops the run before anything is fitted
     out: dict[str, dict] = {}
     for name in names:
         if name not in data.task.baselines:
@@ -32,6 +30,13 @@ def run_baselines(
         baseline = BASELINES[name].build(data, **options.get(name, {}))
         out[name] = {stage: evaluate_scores(data, stage, baseline) for stage in ("val", "test")}
     return out
+
+
+def check_names(names: list[str]) -> None:
+    """Every name must be a registered baseline; names the unknown ones."""
+    unknown = [name for name in names if name not in BASELINES]
+    if unknown:
+        raise ConfigError("baselines", unknown, f"names among {list(BASELINES)}")
 
 
 def _why_skipped(name: str, data: PreparedData) -> str:
