@@ -15,7 +15,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import get_class
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from recsys_lm.baselines import run_baselines
@@ -25,6 +25,11 @@ from recsys_lm.build import (
     build_module,
     build_trainer,
     check_config,
+)
+from recsys_lm.durable import (
+    TrainingInterrupted,
+    atomic_write_text,
+    newest_checkpoint,
 )
 from recsys_lm.errors import ConfigError, RecsysLMError
 from recsys_lm.models.export import save_model
@@ -37,6 +42,17 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 # peft's prefix tuning still passes `past_key_values` (v5 renamed it `cache`): noise, as above.
 warnings.filterwarnings("ignore", message=".*`past_key_values` is deprecated.*")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# Overrides accepted with `resume=<run dir>`: how long to train, nothing that changes what.
+RESUMABLE_KEYS = ("trainer.max_steps", "trainer.max_epochs")
+RESUME_HINT = "python -m recsys_lm.train resume={}"
+
+
+class ResumeError(RecsysLMError):
+    """A folder that cannot be resumed: no saved config, no checkpoint, a changed config."""
+
+
+class AlreadyFinished(Exception):
+    """`resume=<dir>` of a run that wrote metrics.json: nothing to do."""
 
 
 def check_precision(cfg: DictConfig) -> None:
@@ -84,7 +100,11 @@ def train(cfg: DictConfig) -> dict:
     setup_s = time.perf_counter() - started
 
     fit_start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except TrainingInterrupted:
+        _finish_wandb(loggers)
+        raise
     fit_s = time.perf_counter() - fit_start
     train_steps = int(trainer.global_step)  # validate/test below reload a checkpoint's step
 
@@ -122,7 +142,7 @@ def train(cfg: DictConfig) -> dict:
     }
     if cfg.get("export_model"):
         result["model_dir"] = str(save_model(module, cfg, output_dir / "model"))
-    (output_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(output_dir / "metrics.json", json.dumps(result, indent=2))
     _finish_wandb(loggers)
     print_summary(result, output_dir)
     return result
@@ -153,11 +173,71 @@ def _finish_wandb(loggers: list) -> None:
 USER_ERRORS = (RecsysLMError, InstantiationException, OmegaConfBaseException)
 
 
-def run(cfg: DictConfig) -> dict | int:
+def resume_config(cfg: DictConfig, overrides: list[str] | None = None) -> DictConfig:
+    """The config that continues the run in `cfg.resume`: its saved `.hydra/config.yaml`,
+    writing into the same folder, from its newest checkpoint. `overrides` (the resume command
+    line's) may change only RESUMABLE_KEYS; any other that differs from the saved value is
+    refused. Raises AlreadyFinished for a run that wrote metrics.json."""
+    run_dir = Path(cfg.resume)
+    saved_file = run_dir / ".hydra" / "config.yaml"
+    if not saved_file.is_file():
+        raise ResumeError(f"resume={run_dir}: not a run folder (no {saved_file})")
+    if (run_dir / "metrics.json").is_file():
+        raise AlreadyFinished(str(run_dir))
+    saved = OmegaConf.load(saved_file)
+    differing = []
+    for override in overrides or []:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in ("resume", "ckpt_path") or key.startswith("hydra."):
+            continue
+        if key in RESUMABLE_KEYS:
+            OmegaConf.update(saved, key, OmegaConf.select(cfg, key), force_add=True)
+        elif _plain(OmegaConf.select(cfg, key)) != _plain(OmegaConf.select(saved, key)):
+            differing.append(key)
+    if differing:
+        raise ResumeError(
+            f"resume={run_dir}: the config differs from the saved run in {differing}; only "
+            f"{list(RESUMABLE_KEYS)} may change on resume"
+        )
+    checkpoint = newest_checkpoint(run_dir / "checkpoints")
+    if checkpoint is None:
+        raise ResumeError(f"resume={run_dir}: no checkpoint in {run_dir / 'checkpoints'}")
+    with open_dict(saved):
+        saved.paths.output_dir = str(run_dir)
+        saved.resume = str(run_dir)
+        saved.ckpt_path = str(checkpoint)
+        if saved.get("logger") and saved.logger.get("wandb") is not None:
+            saved.logger.wandb.id = _wandb_run_id(run_dir) or saved.logger.wandb.get("id")
+    log.info("resuming %s from %s", run_dir, checkpoint.name)
+    return saved
+
+
+def _plain(node):
+    return OmegaConf.to_container(node) if isinstance(node, DictConfig | ListConfig) else node
+
+
+def _wandb_run_id(run_dir: Path) -> str | None:
+    """The id of the newest W&B run in the folder (`wandb/[offline-]run-<time>-<id>`)."""
+    runs = sorted((run_dir / "wandb").glob("*run-*-*"), key=lambda p: p.stat().st_mtime)
+    return runs[-1].name.rsplit("-", 1)[-1] if runs else None
+
+
+def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict | int:
     """`train(cfg)`, with a user's mistake (a bad key, value, path or combination) reported
-    as one `error: ...` line on stderr and exit status 2 instead of a traceback."""
+    as one `error: ...` line on stderr and exit status 2 instead of a traceback. With
+    `resume` set, continues that run (`resume_config`); an interrupted run (SIGTERM, SIGINT,
+    SIGUSR1) exits 128 + the signal number after saving its checkpoint."""
     try:
+        if cfg.get("resume"):
+            cfg = resume_config(cfg, overrides)
         return train(cfg)
+    except AlreadyFinished as done:
+        print(f"nothing to resume: {done} finished (metrics.json is there)", file=sys.stderr)
+        return 0
+    except TrainingInterrupted as stop:
+        hint = RESUME_HINT.format(cfg.paths.output_dir)
+        print(f"interrupted at step {stop.step}; resume with {hint}", file=sys.stderr)
+        return 128 + int(stop.signum)
     except USER_ERRORS as err:
         cause = err.__cause__ if isinstance(err.__cause__, RecsysLMError) else err
         print(f"error: {cause}", file=sys.stderr)
@@ -166,7 +246,7 @@ def run(cfg: DictConfig) -> dict | int:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    result = run(cfg)
+    result = run(cfg, list(HydraConfig.get().overrides.task))
     if isinstance(result, int):
         sys.exit(result)
     monitor = result["protocol"]["monitor"].removeprefix("val/")
@@ -176,5 +256,18 @@ def main(cfg: DictConfig) -> float | None:
     return value
 
 
+def resume_argv(argv: list[str]) -> list[str]:
+    """With `resume=<dir>`, Hydra runs in that folder (`hydra.run.dir`) and writes no new
+    `.hydra/` there: the saved config stays the run's record."""
+    resume = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
+    if not resume or resume[-1] in ("", "null"):
+        return argv
+    if "-m" in argv or "--multirun" in argv:
+        print("error: resume=<dir> continues one run or multirun job: drop -m", file=sys.stderr)
+        sys.exit(2)
+    return [*argv, f"hydra.run.dir={resume[-1]}", "hydra.output_subdir=null"]
+
+
 if __name__ == "__main__":
+    sys.argv = resume_argv(sys.argv)
     main()

@@ -6,12 +6,69 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from recsys_lm.data.prepared import PreparedData, prepare
 from recsys_lm.data.settings import DataSettings
 from recsys_lm.data.task import Task
+
+
+class _SkippingBatchSampler(BatchSampler):
+    """A BatchSampler that can drop its first `skip` batches (indices only: no data is read)."""
+
+    def __init__(self, sampler, batch_size: int) -> None:
+        super().__init__(sampler, batch_size, drop_last=False)
+        self.skip = 0
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        for i, batch in enumerate(super().__iter__()):
+            if i >= skip:
+                yield batch
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader whose position survives a restart.
+
+    Epoch `e` (counted by the loader: one per iteration) draws its order from the sampler's
+    generator seeded with (seed, e), so the order depends on the epoch alone, not on how the
+    previous epoch ended. `state_dict` is that epoch and the number of batches served in it;
+    `load_state_dict` makes the next iteration replay the epoch's order from the next batch.
+    Lightning saves this state in every checkpoint and restores it on resume (`fit_loop`'s
+    `combined_loader` state) for any loader with these two methods. A sized loader is not
+    pre-fetched by Lightning, so "served" is exactly "trained on" when a checkpoint is
+    written."""
+
+    def __init__(
+        self, dataset: Dataset, batch_size: int, sampler, generator, seed: int, **kwargs
+    ) -> None:
+        super().__init__(
+            dataset, batch_sampler=_SkippingBatchSampler(sampler, batch_size), **kwargs
+        )
+        self.order_generator, self.seed = generator, int(seed)
+        self._epoch, self._served = -1, 0  # no epoch started yet
+        self._pending: dict | None = None
+
+    def __iter__(self):
+        if self._pending is not None:
+            self._epoch, self._served = self._pending["epoch"], self._pending["served"]
+            self._pending = None
+        else:
+            self._epoch, self._served = self._epoch + 1, 0
+        self.order_generator.manual_seed((self.seed * 1_000_003 + self._epoch) % 2**63)
+        self.batch_sampler.skip = self._served
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        if self._served >= len(self):  # finished: the next iteration starts the next epoch
+            return {"epoch": self._epoch + 1, "served": 0}
+        return {"epoch": self._epoch, "served": self._served}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pending = {"epoch": int(state["epoch"]), "served": int(state["served"])}
 
 
 class RecDataModule(L.LightningDataModule):
@@ -48,8 +105,9 @@ class RecDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.data.datasets["train"]
-        # A seeded generator: each epoch draws a new order, the same on every rerun.
-        generator = torch.Generator().manual_seed(self.settings.seed)
+        # A seeded generator: each epoch draws a new order, the same on every rerun, and a
+        # resumed run continues the interrupted epoch's order (ResumableLoader seeds it).
+        generator = torch.Generator()
         if self.settings.length_grouping:
             # Batches of similar length waste less compute on padding; order stays random.
             sampler = LengthGroupedSampler(
@@ -57,7 +115,17 @@ class RecDataModule(L.LightningDataModule):
             )
         else:
             sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
-        return self._loader(dataset, self.settings.batch_size, sampler)
+        workers = self.settings.num_workers
+        return ResumableLoader(
+            dataset,
+            self.settings.batch_size,
+            sampler,
+            generator,
+            self.settings.seed,
+            collate_fn=dataset.collate,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.data.datasets["val"], self.settings.eval_batch_size)

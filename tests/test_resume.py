@@ -1,0 +1,209 @@
+"""Crash-safe training, end to end through the command line (`python -m recsys_lm.train`):
+a run killed mid-epoch and resumed with `resume=<run dir>` (the README's command) ends with
+exactly the metrics, best checkpoint and step count of the same run left alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from recsys_lm.data.datamodule import ResumableLoader
+from recsys_lm.durable import AtomicCheckpointIO, atomic_directory, newest_checkpoint
+from tests.conftest import ROOT
+
+# 85 training batches per epoch, so every kill below lands mid-epoch; validation every 10
+# steps (best checkpoint), a periodic checkpoint every 5.
+RUN = [
+    "backbone=tiny_bert",
+    "trainer.accelerator=cpu",
+    "data.source.num_users=40",
+    "data.source.num_items=60",
+    "data.batch_size=8",
+    "data.eval_negatives=9",
+    "trainer.max_steps=30",
+    "trainer.max_epochs=5",
+    "trainer.val_check_interval=10",
+    "trainer.limit_val_batches=2",
+    "callbacks.periodic_checkpoint.every_n_train_steps=5",
+    "baselines=[]",
+    "export_model=false",
+]
+
+
+def train_cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RECSYS_LM_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    return subprocess.run(
+        [sys.executable, "-m", "recsys_lm.train", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def killer(step: int, signal_name: str, marker: Path) -> list[str]:
+    return [
+        "+callbacks.killer._target_=tests.killer.KillAt",
+        f"+callbacks.killer.step={step}",
+        f"+callbacks.killer.signal_name={signal_name}",
+        f"+callbacks.killer.marker={marker}",
+    ]
+
+
+def outcome(run_dir: Path) -> dict:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {
+        "test": metrics["test"],
+        "val": metrics["val"],
+        "best": Path(metrics["checkpoint"]).name,
+        "steps": metrics["timing"]["train_steps"],
+    }
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("resume_cache")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache):
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    done = train_cli(*RUN, "logger=none", f"hydra.run.dir={run_dir}", cache=cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return outcome(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signal_name", "step", "resumes_from"),
+    [
+        ("SIGKILL", 7, "step-5.ckpt"),  # after the first periodic checkpoint, before validation
+        ("SIGKILL", 23, "step-20.ckpt"),  # after a validation (best-20) and step-20
+        ("SIGTERM", 13, "last.ckpt"),  # graceful: saved at the next step boundary (14)
+    ],
+)
+def test_killed_run_resumes_to_the_uninterrupted_result(
+    tmp_path, cache, uninterrupted, signal_name, step, resumes_from
+):
+    run_dir = tmp_path / "run"
+    marker = tmp_path / "killed"
+    first = train_cli(
+        *RUN,
+        "logger=csv",
+        *killer(step, signal_name, marker),
+        f"hydra.run.dir={run_dir}",
+        cache=cache,
+    )
+    assert marker.exists() and not (run_dir / "metrics.json").exists()
+    if signal_name == "SIGKILL":
+        assert first.returncode == -9
+    else:
+        assert first.returncode == 128 + 15, first.stderr[-3000:]
+        message = first.stderr.strip().splitlines()[-1]
+        assert message == (
+            f"interrupted at step {step + 1}; resume with python -m recsys_lm.train "
+            f"resume={run_dir}"
+        )
+    assert newest_checkpoint(run_dir / "checkpoints").name == resumes_from
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+
+    resumed = train_cli(f"resume={run_dir}", cache=cache)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert outcome(run_dir) == uninterrupted  # exact: floats compared with ==
+    # The same folder, one CSV log continued, no second Hydra record.
+    assert sorted(p.name for p in (run_dir / "csv").iterdir()) == ["version_0"]
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == [".hydra"]
+
+    again = train_cli(f"resume={run_dir}", cache=cache)
+    assert again.returncode == 0 and "nothing to resume" in again.stderr
+
+
+def test_resume_refuses_a_changed_config_and_a_folder_without_checkpoint(tmp_path, cache):
+    run_dir = tmp_path / "run"
+    marker = tmp_path / "killed"
+    first = train_cli(
+        *RUN,
+        "trainer.max_steps=3",
+        "logger=none",
+        "callbacks.periodic_checkpoint.every_n_train_steps=1",
+        *killer(2, "SIGKILL", marker),
+        f"hydra.run.dir={run_dir}",
+        cache=cache,
+    )
+    assert first.returncode == -9
+
+    changed = train_cli(f"resume={run_dir}", "data.batch_size=4", "optim.lr=0.1", cache=cache)
+    assert changed.returncode == 2
+    (line,) = changed.stderr.strip().splitlines()[-1:]
+    assert line.startswith("error: ") and str(run_dir) in line
+    assert "['data.batch_size', 'optim.lr']" in line
+
+    for ckpt in (run_dir / "checkpoints").glob("*.ckpt"):
+        ckpt.unlink()
+    empty = train_cli(f"resume={run_dir}", "trainer.max_steps=3", cache=cache)
+    assert empty.returncode == 2
+    line = empty.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "no checkpoint" in line and str(run_dir) in line
+
+
+@pytest.mark.parametrize("length_grouping", [False, True])
+def test_training_loader_resumes_mid_epoch_and_across_epochs(tokenizer, length_grouping):
+    from tests.conftest import make_datamodule
+
+    def loader():
+        dm = make_datamodule(tokenizer, "click", batch_size=8, length_grouping=length_grouping)
+        out = dm.train_dataloader()
+        assert isinstance(out, ResumableLoader)
+        return out
+
+    def ids(batch) -> list:
+        return batch.input_ids[:, :8].tolist()
+
+    whole = loader()
+    epochs = [[ids(b) for b in whole] for _ in range(2)]
+    assert epochs[0] != epochs[1]  # a new order each epoch
+    n = len(epochs[0])
+    for stop in (3, n):  # mid-epoch, and at the epoch's end
+        first = loader()
+        seen = []
+        for i, batch in enumerate(first):
+            seen.append(ids(batch))
+            if i + 1 == stop:
+                break
+        state = first.state_dict()
+        second = loader()
+        second.load_state_dict(state)
+        rest = [ids(b) for b in second]
+        if stop == n:
+            assert rest == epochs[1]
+        else:
+            assert seen + rest == epochs[0]
+            assert [ids(b) for b in second] == epochs[1]
+
+
+def test_checkpoints_and_folders_are_written_atomically(tmp_path):
+    io = AtomicCheckpointIO()
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"global_step": 3, "w": torch.ones(2)}, target)
+    assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]
+    assert newest_checkpoint(target.parent) == target
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), atomic_directory(folder) as tmp:
+        (tmp / "half.txt").write_text("half")
+        raise RuntimeError("killed while writing")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert (folder / "old.txt").read_text() == "old"  # the complete old folder stays
+    with atomic_directory(folder) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in folder.iterdir()] == ["new.txt"]
