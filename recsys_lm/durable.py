@@ -13,6 +13,7 @@ import random
 import shutil
 import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,8 @@ class GracefulStop(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.received = None
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python accepts signal handlers in the main thread only
         for signum in self.signals:
             current = signal.getsignal(signum)
             if signum == getattr(signal, "SIGUSR1", None) and current not in (

@@ -14,7 +14,12 @@ import pytest
 import torch
 
 from recsys_lm.data.datamodule import ResumableLoader
-from recsys_lm.durable import AtomicCheckpointIO, atomic_directory, newest_checkpoint
+from recsys_lm.durable import (
+    AtomicCheckpointIO,
+    atomic_directory,
+    checkpoint_step,
+    newest_checkpoint,
+)
 from tests.conftest import ROOT
 
 # 85 training batches per epoch, so every kill below lands mid-epoch; validation every 10
@@ -59,12 +64,29 @@ def killer(step: int, signal_name: str, marker: Path) -> list[str]:
 
 
 def outcome(run_dir: Path) -> dict:
+    """metrics.json's figures, and the tracking state of the checkpoint and early-stopping
+    callbacks in the final periodic checkpoint, step-30 (paths by file name: the folders
+    differ). Not last.ckpt: Lightning rewrites it at train end only in a process that has not
+    saved one yet (ModelCheckpoint's `_last_checkpoint_saved` is not checkpointed), so a
+    resumed run's last.ckpt is at step 30 where an uninterrupted one's stays at 20."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    last = torch.load(run_dir / "checkpoints" / "step-30.ckpt", weights_only=False)
+    tracking = {}
+    for name, state in last["callbacks"].items():
+        if name.startswith("ModelCheckpoint"):
+            tracking[name] = (
+                float(state["best_model_score"]),
+                Path(state["best_model_path"]).name,
+            )
+        elif name.startswith("EarlyStopping"):
+            tracking["early_stopping"] = (state["wait_count"], float(state["best_score"]))
     return {
         "test": metrics["test"],
         "val": metrics["val"],
         "best": Path(metrics["checkpoint"]).name,
         "steps": metrics["timing"]["train_steps"],
+        "global_step": last["global_step"],
+        "tracking": tracking,
     }
 
 
@@ -83,15 +105,18 @@ def uninterrupted(tmp_path_factory, cache):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("signal_name", "step", "resumes_from"),
+    ("signal_name", "step", "resumes_from", "resumes_at"),
     [
-        ("SIGKILL", 7, "step-5.ckpt"),  # after the first periodic checkpoint, before validation
-        ("SIGKILL", 23, "step-20.ckpt"),  # after a validation (best-20) and step-20
-        ("SIGTERM", 13, "last.ckpt"),  # graceful: saved at the next step boundary (14)
+        # after the first periodic checkpoint, before any validation
+        ("SIGKILL", 7, "step-5.ckpt", 5),
+        # after validation at 20 (best-20; last.ckpt is written after it, step-20 before it)
+        ("SIGKILL", 23, "last.ckpt", 20),
+        # graceful: last.ckpt saved at the step boundary after the signal
+        ("SIGTERM", 13, "last.ckpt", 14),
     ],
 )
 def test_killed_run_resumes_to_the_uninterrupted_result(
-    tmp_path, cache, uninterrupted, signal_name, step, resumes_from
+    tmp_path, cache, uninterrupted, signal_name, step, resumes_from, resumes_at
 ):
     run_dir = tmp_path / "run"
     marker = tmp_path / "killed"
@@ -112,12 +137,14 @@ def test_killed_run_resumes_to_the_uninterrupted_result(
             f"interrupted at step {step + 1}; resume with python -m recsys_lm.train "
             f"resume={run_dir}"
         )
-    assert newest_checkpoint(run_dir / "checkpoints").name == resumes_from
+    newest = newest_checkpoint(run_dir / "checkpoints")
+    assert (newest.name, checkpoint_step(newest)) == (resumes_from, resumes_at)
     assert not list((run_dir / "checkpoints").glob("*.tmp"))
 
     resumed = train_cli(f"resume={run_dir}", cache=cache)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert outcome(run_dir) == uninterrupted  # exact: floats compared with ==
+    assert f"resuming {run_dir} from {resumes_from}" in resumed.stdout + resumed.stderr
     # The same folder, one CSV log continued, no second Hydra record.
     assert sorted(p.name for p in (run_dir / "csv").iterdir()) == ["version_0"]
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == [".hydra"]

@@ -81,6 +81,8 @@ class RecDataModule(L.LightningDataModule):
         self.source, self.settings, self.task = source, settings, task
         self.tokenizer, self.max_length = tokenizer, max_length
         self.data: PreparedData | None = None
+        self._train_loader: ResumableLoader | None = None
+        self._train_loader_state: dict | None = None  # restored before the loader exists
 
     def prepare_data(self) -> None:
         self.source.prepare()
@@ -116,7 +118,7 @@ class RecDataModule(L.LightningDataModule):
         else:
             sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
         workers = self.settings.num_workers
-        return ResumableLoader(
+        loader = ResumableLoader(
             dataset,
             self.settings.batch_size,
             sampler,
@@ -126,6 +128,30 @@ class RecDataModule(L.LightningDataModule):
             num_workers=workers,
             persistent_workers=workers > 0,
         )
+        if self._train_loader_state is not None:
+            loader.load_state_dict(self._train_loader_state)
+            self._train_loader_state = None
+        self._train_loader = loader
+        return loader
+
+    # -- checkpointed state -----------------------------------------------------------------
+    # The training loader's position travels in the datamodule's checkpoint entry. Lightning
+    # also keeps a stateful loader's state in its fit loop, but applies it only when the loop
+    # builds the loader; `estimated_stepping_batches` (the LR schedule) builds it earlier, so
+    # that copy would be ignored on resume. This one is applied either way.
+    def state_dict(self) -> dict:
+        if self._train_loader is None:
+            return {}
+        return {"train_loader": self._train_loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state = state_dict.get("train_loader")
+        if state is None:
+            return
+        if self._train_loader is not None:
+            self._train_loader.load_state_dict(state)
+        else:
+            self._train_loader_state = state
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.data.datasets["val"], self.settings.eval_batch_size)
