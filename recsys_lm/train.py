@@ -203,7 +203,7 @@ def resume_config(cfg: DictConfig, overrides: list[str] | None = None) -> DictCo
     if checkpoint is None:
         raise ResumeError(f"resume={run_dir}: no checkpoint in {run_dir / 'checkpoints'}")
     with open_dict(saved):
-        saved.paths.output_dir = str(run_dir)
+        saved.paths.output_dir = str(run_dir.resolve())
         saved.resume = str(run_dir)
         saved.ckpt_path = str(checkpoint)
         if saved.get("logger") and saved.logger.get("wandb") is not None:

@@ -41,12 +41,12 @@ RUN = [
 ]
 
 
-def train_cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
+def train_cli(*args: str, cache: Path, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = {**os.environ, "RECSYS_LM_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
     env.pop("PYTEST_XDIST_WORKER", None)
     return subprocess.run(
         [sys.executable, "-m", "recsys_lm.train", *args],
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -97,31 +97,42 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, cache):
-    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    done = train_cli(*RUN, "logger=none", f"hydra.run.dir={run_dir}", cache=cache)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return outcome(run_dir)
+    """outcome(extra overrides) of the run left alone, trained once per `extra`."""
+    done = {}
+
+    def run(extra: tuple[str, ...]) -> dict:
+        if extra not in done:
+            run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+            result = train_cli(*RUN, *extra, "logger=none", f"hydra.run.dir={run_dir}", cache=cache)
+            assert result.returncode == 0, result.stderr[-3000:]
+            done[extra] = outcome(run_dir)
+        return done[extra]
+
+    return run
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("signal_name", "step", "resumes_from", "resumes_at"),
+    ("signal_name", "step", "resumes_from", "resumes_at", "extra"),
     [
         # after the first periodic checkpoint, before any validation
-        ("SIGKILL", 7, "step-5.ckpt", 5),
+        ("SIGKILL", 7, "step-5.ckpt", 5, ()),
         # after validation at 20 (best-20; last.ckpt is written after it, step-20 before it)
-        ("SIGKILL", 23, "last.ckpt", 20),
+        ("SIGKILL", 23, "last.ckpt", 20, ()),
+        # the length-grouped sampler, killed between a validation and the next checkpoint
+        ("SIGKILL", 12, "last.ckpt", 10, ("data.length_grouping=true",)),
         # graceful: last.ckpt saved at the step boundary after the signal
-        ("SIGTERM", 13, "last.ckpt", 14),
+        ("SIGTERM", 13, "last.ckpt", 14, ()),
     ],
 )
 def test_killed_run_resumes_to_the_uninterrupted_result(
-    tmp_path, cache, uninterrupted, signal_name, step, resumes_from, resumes_at
+    tmp_path, cache, uninterrupted, signal_name, step, resumes_from, resumes_at, extra
 ):
     run_dir = tmp_path / "run"
     marker = tmp_path / "killed"
     first = train_cli(
         *RUN,
+        *extra,
         "logger=csv",
         *killer(step, signal_name, marker),
         f"hydra.run.dir={run_dir}",
@@ -143,7 +154,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(
 
     resumed = train_cli(f"resume={run_dir}", cache=cache)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert outcome(run_dir) == uninterrupted  # exact: floats compared with ==
+    assert outcome(run_dir) == uninterrupted(extra)  # exact: floats compared with ==
     assert f"resuming {run_dir} from {resumes_from}" in resumed.stdout + resumed.stderr
     # The same folder, one CSV log continued, no second Hydra record.
     assert sorted(p.name for p in (run_dir / "csv").iterdir()) == ["version_0"]
@@ -153,8 +164,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(
     assert again.returncode == 0 and "nothing to resume" in again.stderr
 
 
-def test_resume_refuses_a_changed_config_and_a_folder_without_checkpoint(tmp_path, cache):
-    run_dir = tmp_path / "run"
+def test_resume_as_the_readme_writes_it_and_its_refusals(tmp_path, cache):
+    """`resume=logs/train/runs/<run>` from the folder the run was started in; a resumable
+    override (max_steps) is taken, others are refused, as is a folder without checkpoint."""
     marker = tmp_path / "killed"
     first = train_cli(
         *RUN,
@@ -162,23 +174,34 @@ def test_resume_refuses_a_changed_config_and_a_folder_without_checkpoint(tmp_pat
         "logger=none",
         "callbacks.periodic_checkpoint.every_n_train_steps=1",
         *killer(2, "SIGKILL", marker),
-        f"hydra.run.dir={run_dir}",
         cache=cache,
+        cwd=tmp_path,
     )
     assert first.returncode == -9
+    (run_dir,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    relative = f"logs/train/runs/{run_dir.name}"
 
-    changed = train_cli(f"resume={run_dir}", "data.batch_size=4", "optim.lr=0.1", cache=cache)
+    changed = train_cli(
+        f"resume={relative}", "data.batch_size=4", "optim.lr=0.1", cache=cache, cwd=tmp_path
+    )
     assert changed.returncode == 2
-    (line,) = changed.stderr.strip().splitlines()[-1:]
-    assert line.startswith("error: ") and str(run_dir) in line
+    line = changed.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and relative in line
     assert "['data.batch_size', 'optim.lr']" in line
 
+    longer = train_cli(f"resume={relative}", "trainer.max_steps=4", cache=cache, cwd=tmp_path)
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["timing"]["train_steps"] == 4
+    assert list((tmp_path / "logs" / "train" / "runs").iterdir()) == [run_dir]
+
+    (run_dir / "metrics.json").unlink()
     for ckpt in (run_dir / "checkpoints").glob("*.ckpt"):
         ckpt.unlink()
-    empty = train_cli(f"resume={run_dir}", "trainer.max_steps=3", cache=cache)
+    empty = train_cli(f"resume={relative}", cache=cache, cwd=tmp_path)
     assert empty.returncode == 2
     line = empty.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: ") and "no checkpoint" in line and str(run_dir) in line
+    assert line.startswith("error: ") and "no checkpoint" in line and relative in line
 
 
 @pytest.mark.parametrize("length_grouping", [False, True])
