@@ -258,14 +258,21 @@ def main(cfg: DictConfig) -> float | None:
 
 def resume_argv(argv: list[str]) -> list[str]:
     """With `resume=<dir>`, Hydra runs in that folder (`hydra.run.dir`) and writes no new
-    `.hydra/` there: the saved config stays the run's record."""
-    resume = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
-    if not resume or resume[-1] in ("", "null"):
+    `.hydra/` there: the saved config stays the run's record. The folder is quoted for
+    Hydra's override grammar (a multirun job's folder name holds `=` and `,`)."""
+    found = [i for i, a in enumerate(argv) if a.startswith("resume=")]
+    if not found:
+        return argv
+    folder = argv[found[-1]].split("=", 1)[1]
+    if folder in ("", "null"):
         return argv
     if "-m" in argv or "--multirun" in argv:
         print("error: resume=<dir> continues one run or multirun job: drop -m", file=sys.stderr)
         sys.exit(2)
-    return [*argv, f"hydra.run.dir={resume[-1]}", "hydra.output_subdir=null"]
+    if folder[:1] not in ("'", '"'):
+        folder = "'" + folder.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    out = [a for i, a in enumerate(argv) if i not in found]
+    return [*out, f"resume={folder}", f"hydra.run.dir={folder}", "hydra.output_subdir=null"]
 
 
 if __name__ == "__main__":

@@ -257,3 +257,17 @@ def test_checkpoints_and_folders_are_written_atomically(tmp_path):
     with atomic_directory(folder) as tmp:
         (tmp / "new.txt").write_text("new")
     assert [p.name for p in folder.iterdir()] == ["new.txt"]
+
+
+def test_resume_argv_runs_hydra_in_the_old_folder_quoted_for_its_grammar():
+    from recsys_lm.train import resume_argv
+
+    job = "logs/train/multiruns/2026-01-01_00-00-00/0_peft=lora,freeze=none"
+    assert resume_argv(["train", f"resume={job}", "trainer.max_steps=9"]) == [
+        "train",
+        "trainer.max_steps=9",
+        f"resume='{job}'",
+        f"hydra.run.dir='{job}'",
+        "hydra.output_subdir=null",
+    ]
+    assert resume_argv(["train", "head=click"]) == ["train", "head=click"]
