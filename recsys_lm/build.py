@@ -10,16 +10,22 @@ instantiates the module, the data, the callbacks or a saved model.
     build_callbacks(cfg, task)   Lightning callbacks; `monitor: auto` -> the task's metric
     load_model(dir)              a saved model (models/export.py wrote it) -> RecsysLM
     load_run(dir)                a finished run's model with its prepared data attached
+    load_flavour(dir, name)      one inference flavour of an export (serving/flavours.py)
+    load_export(dir, flavour)    an export served in one flavour: ServedModel (serving/model.py)
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
+import pandas as pd
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
@@ -31,11 +37,13 @@ from recsys_lm.data.prepared import PreparedData, prepare
 from recsys_lm.data.settings import DataSettings, data_settings
 from recsys_lm.data.task import Task
 from recsys_lm.data.tasks import get_task
-from recsys_lm.errors import ConfigError
+from recsys_lm.errors import ConfigError, DataError
 from recsys_lm.models.adapters import make_peft_config
 from recsys_lm.models.export import CONFIG, WEIGHTS
 from recsys_lm.models.heads.base import Head
 from recsys_lm.models.module import RecsysLM
+from recsys_lm.serving import flavours
+from recsys_lm.serving.model import ServedModel, ServingData
 
 LR_MONITOR = "LearningRateMonitor"
 HYDRA_KEYS = ("_target_", "_convert_", "_recursive_", "_partial_", "_args_")
@@ -202,3 +210,90 @@ def load_run(run_dir: str | Path) -> Run:
     )
     model.attach(data)
     return Run(model.eval(), data, cfg)
+
+
+def load_flavour(
+    export_dir: str | Path, flavour: str = "eager", threads: int | None = None
+) -> RecsysLM:
+    """The trained module of an export (`python -m recsys_lm.export`) in one inference
+    flavour, in eval mode, without data (`attach` it for score / recommend): `eager` is the
+    trained model itself; every other flavour is the merged model (plain weights, peft=none)
+    transformed as its name says (serving/flavours.py). `threads`: onnxruntime's intra-op
+    threads for the ONNX flavours (default: every core)."""
+    export_dir = Path(export_dir)
+    if flavour == flavours.EAGER:
+        return load_model(export_dir / "model")
+    wanted = flavours.parse(flavour)
+    if not (export_dir / wanted.folder).is_dir():
+        raise ConfigError("flavour", flavour, f"a flavour exported in {export_dir}")
+    merged = export_dir / flavours.FOLDER / flavours.MERGED
+    module = build_module(flavours.load_config(merged))
+    flavours.load_head(module, merged)
+    if wanted.kind == flavours.INT8:
+        recipe = flavours.read_recipe(export_dir / wanted.folder)
+        flavours.quantize_int8(module.backbone, recipe["config"])
+    elif wanted.kind == flavours.PRUNED:
+        flavours.prune_layers(module.backbone, wanted.layers)
+    elif wanted.kind in (flavours.ONNX, flavours.ONNX_INT8):
+        graph = export_dir / wanted.folder / flavours.GRAPH
+        module.backbone = flavours.OnnxBackbone(graph, module.backbone, threads)
+    return module.eval()
+
+
+def load_export(
+    export_dir: str | Path,
+    flavour: str = "eager",
+    threads: int | None = None,
+    index_backend: str = "exact",
+    index_options: dict | None = None,
+    verify: bool = True,
+) -> ServedModel:
+    """An export folder (`python -m recsys_lm.export`) served in one flavour: the module, the
+    catalogue, the serving settings, the users' histories and the flavour's item vectors
+    (computed at export; embedded again only where the export has none). `verify` checks
+    every file against the manifest's checksums first: a half-copied or edited export is
+    refused, naming the files."""
+    export_dir = Path(export_dir)
+    manifest_file = export_dir / "manifest.json"
+    if not manifest_file.is_file():
+        raise DataError(f"{export_dir}: not an export (no manifest.json)")
+    manifest = json.loads(manifest_file.read_text())
+    if verify:
+        verify_export(export_dir, manifest)
+    module = load_flavour(export_dir, flavour, threads)
+    users = pd.read_parquet(export_dir / "users.parquet")
+    histories = {
+        str(user): [str(item) for item in history]
+        for user, history in zip(users["user_id"], users["history"], strict=True)
+    }
+    vectors = export_dir / "vectors" / f"{flavour}.npy"
+    return ServedModel(
+        module,
+        pd.read_parquet(export_dir / "catalogue.parquet"),
+        ServingData(**json.loads((export_dir / "serving.json").read_text())),
+        version=manifest["version"],
+        flavour=flavour,
+        users=histories,
+        vectors=np.load(vectors) if vectors.is_file() else None,
+        index_backend=index_backend,
+        index_options=index_options,
+    )
+
+
+def verify_export(export_dir: Path, manifest: dict) -> None:
+    """Every file the manifest lists is there with its checksum."""
+    bad = []
+    for name, digest in manifest.get("files", {}).items():
+        path = export_dir / name
+        if not path.is_file() or _sha256(path) != digest:
+            bad.append(name)
+    if bad:
+        raise DataError(f"{export_dir}: files missing or changed since export: {bad[:5]}")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -15,3 +15,12 @@ class ConfigError(RecsysLMError):
 
 class DataError(RecsysLMError):
     """Data that cannot be read: names the file (and line/column where known)."""
+
+
+class UnknownItem(RecsysLMError):
+    """Item ids a served model does not have (never trained on, never added, or removed)."""
+
+    def __init__(self, ids: list[str]) -> None:
+        self.ids = list(ids)
+        shown = ", ".join(repr(i) for i in self.ids[:5]) + (" ..." if len(self.ids) > 5 else "")
+        super().__init__(f"unknown item id(s): {shown}")

@@ -148,6 +148,17 @@ class TokenCache:
             torch.save({"item_ids": self.item_ids, "history_ids": self.history_ids}, partial)
             partial.replace(file)  # atomic: an interrupted write leaves no half cache
 
+    def append(
+        self, tokenizer, item_texts: list[str], history_texts: list[str], max_item_tokens: int
+    ) -> list[int]:
+        """Tokenize items added after the cache was built (serving takes new items by their
+        text); returns their indices, which follow the existing items."""
+        start = len(self.item_ids)
+        encode = tokenizer(item_texts, add_special_tokens=False, truncation=False)["input_ids"]
+        self.item_ids.extend(ids[:max_item_tokens] for ids in encode)
+        self.history_ids.extend(tokenizer(history_texts, add_special_tokens=False)["input_ids"])
+        return list(range(start, len(self.item_ids)))
+
     @property
     def prompt_overhead(self) -> int:
         """Tokens the prompt's fixed words add to every pair."""

@@ -20,6 +20,12 @@ Inference, what serving calls (after `attach`, in eval mode):
     score(backbone, history, candidates)   every head: one score per candidate item
     recommend(backbone, history, k, exclude)  ranking heads: the top-k items of the catalogue
 
+Ranking heads whose score is a dot product (`ranks_by_vectors`: two-tower, sequential) also
+give serving's item index its vectors, so new items join from their text alone:
+
+    item_vectors(backbone, items)             one vector per item (new ones: from text)
+    query_vectors(backbone, histories, table) one query per user; score = query . item vector
+
 State is persisted one way: the module's `state_dict` (parameters, persistent buffers and, for
 values that are not tensors, `get_extra_state`). Tensors whose size comes from the data (one
 row per item, one output per class) are named in `data_sized`: `attach` sizes them, and
@@ -131,6 +137,22 @@ class Head(nn.Module):
         default scores every item through `score`; heads with a faster path override it."""
         scores = self.score(backbone, history, range(self.require_catalogue().num_items))
         return top_k(scores, k, [*history, *exclude])
+
+    # -- serving: dot-product ranking over an item index ---------------------------------
+    ranks_by_vectors: ClassVar[bool] = False
+
+    def item_vectors(self, backbone: Backbone, items: ItemBatch) -> torch.Tensor:
+        """Vectors [B, d] of these items (`items.item_index`; an index at or beyond the
+        trained catalogue is an item added after training, known by its text only)."""
+        raise NotImplementedError(f"{type(self).__name__} does not rank by item vectors")
+
+    def query_vectors(
+        self, backbone: Backbone, histories: Sequence[Sequence[int]], table: torch.Tensor
+    ) -> torch.Tensor:
+        """Query vectors [B, d], one per history (item indices, oldest first); `table`
+        [n, d] holds `item_vectors` of every served item, added items included. A user's
+        score for item i is `query . table[i]`, the same as `score` gives."""
+        raise NotImplementedError(f"{type(self).__name__} does not rank by item vectors")
 
     def require_catalogue(self) -> Catalogue:
         if self.catalogue is None:

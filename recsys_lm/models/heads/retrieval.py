@@ -87,12 +87,27 @@ class RetrievalHead(Head):
         metrics.update(self.score_catalogue(backbone, batch), batch.relevant, batch.exclude)
 
     # -- inference -------------------------------------------------------------------------
+    ranks_by_vectors = True
+
     def user_vector(self, backbone: Backbone, history: Sequence[int]) -> torch.Tensor:
+        return self.query_vectors(backbone, [history], None)[0]
+
+    @torch.no_grad()
+    def item_vectors(self, backbone: Backbone, items: ItemBatch) -> torch.Tensor:
+        """The item tower: the same encoder as users, over the item's text."""
+        return self.encode(backbone, items.item_ids, items.item_mask)
+
+    @torch.no_grad()
+    def query_vectors(self, backbone: Backbone, histories, table=None) -> torch.Tensor:
+        """The user tower over each history's text (the item table is not needed)."""
         catalogue = self.require_catalogue()
         tokens = catalogue.tokens
-        ids = tokens.layout.single(tokens.history(list(history), catalogue.history_budget))[0]
-        ids_t, mask = pad([ids], tokens.pad_id)
-        return self.encode(backbone, ids_t.to(backbone.device), mask.to(backbone.device))[0]
+        rows = [
+            tokens.layout.single(tokens.history(list(h), catalogue.history_budget))[0]
+            for h in histories
+        ]
+        ids, mask = pad(rows, tokens.pad_id)
+        return self.encode(backbone, ids.to(backbone.device), mask.to(backbone.device))
 
     @torch.no_grad()
     def score(self, backbone: Backbone, history, candidates) -> torch.Tensor:

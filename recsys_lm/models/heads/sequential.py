@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -159,7 +160,7 @@ class SequentialHead(Head):
             # not be loaded into later (checkpoint restore).
             self.text_table.copy_(self.embed_texts(backbone, batches))
 
-    def item_vectors(self, text: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:
+    def vectors_of(self, text: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:
         """Item vectors [len(index), d] from text embeddings (rows for `index`) and IDs."""
         out = 0.0
         if self.text:
@@ -171,13 +172,13 @@ class SequentialHead(Head):
     def table(self) -> torch.Tensor:
         """Vectors of the whole catalogue from the cached text table [n_items, d]."""
         index = torch.arange(self.num_items, device=self.encoder.position.weight.device)
-        return self.item_vectors(self.text_table if self.text else None, index)
+        return self.vectors_of(self.text_table if self.text else None, index)
 
     # -- training -------------------------------------------------------------------------
     def loss(self, backbone: Backbone | None, batch: SequenceBatch) -> torch.Tensor:
         if self.text and self.mode == "trained":
             text = backbone(batch.unique_ids, batch.unique_mask).float()
-            candidates = self.item_vectors(text, batch.unique)
+            candidates = self.vectors_of(text, batch.unique)
             local = torch.searchsorted(batch.unique, batch.items.clamp_min(0))
             targets = torch.searchsorted(batch.unique, batch.targets.clamp_min(0))
             targets = targets.masked_fill(batch.targets == IGNORE, IGNORE)
@@ -225,6 +226,45 @@ class SequentialHead(Head):
         metrics.update(self.score_catalogue(backbone, batch), batch.relevant, batch.exclude)
 
     # -- inference: only the small network and the cached table, never the backbone ---------
+    ranks_by_vectors = True
+
+    @torch.no_grad()
+    def item_vectors(self, backbone: Backbone | None, items: ItemBatch) -> torch.Tensor:
+        """Trained items: their rows of the cached table (text + ID vector). Items added
+        after training: the backbone embeds their text and they have no learned ID vector."""
+        index = items.item_index.to(self.encoder.position.weight.device)
+        known = index < self.num_items
+        text = None
+        if self.text:
+            text = torch.zeros(len(index), self.hidden_size, device=index.device)
+            if known.any():
+                text[known] = self.text_table[index[known]]
+            if not known.all():
+                new = ~known.to(items.item_ids.device)
+                text[~known] = backbone(items.item_ids[new], items.item_mask[new]).float()
+        out = self.project(text) if self.text else 0.0
+        if self.use_ids:
+            ids = self.ids(index.clamp(max=max(self.num_items - 1, 0)))
+            out = out + ids * known.unsqueeze(-1)
+        return out
+
+    @torch.no_grad()
+    def query_vectors(self, backbone, histories, table: torch.Tensor) -> torch.Tensor:
+        """The last state of the causal encoder over each history's item vectors (left-padded,
+        the most recent `max_len` items)."""
+        recent = [list(h)[-self.encoder.max_len :] for h in histories]
+        width = max(1, max(len(h) for h in recent))
+        # Built in numpy: per-row tensor writes cost more than the encoder on one user.
+        items = np.zeros((len(recent), width), dtype=np.int64)
+        for row, h in enumerate(recent):
+            if h:
+                items[row, width - len(h) :] = h
+        mask = torch.from_numpy(
+            np.arange(width) >= width - np.array([len(h) for h in recent])[:, None]
+        )
+        items = torch.from_numpy(items).to(table.device)
+        return self.encoder(table[items], mask.to(table.device))[:, -1]
+
     def _user_scores(self, history: Sequence[int]) -> torch.Tensor:
         if self._eval_table is None:  # a freshly loaded model: the saved table is enough
             self._eval_table = self.table()

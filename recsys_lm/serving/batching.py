@@ -1,0 +1,178 @@
+"""Micro-batching: concurrent requests of one operation share one model call.
+
+A transformer forward pass over 16 histories costs far less than 16 passes over one, so the
+service queues requests and a single worker task takes up to `max_batch` of them, waiting at
+most `max_wait_ms` after the first for others to arrive, then runs them together in a
+thread (the event loop keeps accepting requests meanwhile). While a batch runs, the next
+one gathers in the queue, so under load batches fill without waiting. The wait is spent only
+when the previous batch held more than one request: a lone client (concurrency 1) has no
+company to wait for, and would pay `max_wait_ms` on every request for nothing.
+
+`max_batch=1` turns batching off: each request runs alone in a thread as soon as it comes,
+the baseline the latency benchmark compares against.
+
+One request's failure must not fail its neighbours: when a batched call raises, each of its
+requests is run again alone, and only those that fail alone get the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+log = logging.getLogger(__name__)
+
+
+class BatcherClosed(RuntimeError):
+    """The service is shutting down: queued requests are refused."""
+
+
+@dataclass
+class _Pending(Generic[T]):
+    request: T
+    future: asyncio.Future = field(repr=False)
+
+
+class MicroBatcher(Generic[T, R]):
+    """Runs `run(requests) -> results` (same length and order) over batches of requests.
+
+    `run` is blocking (a model call); it runs in `executor` (the loop's default when None).
+    `observe(n)` is told each batch's size (a metric). The worker task starts with the first
+    request, on the loop that sent it.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[list[T]], list[R]],
+        max_batch: int = 32,
+        max_wait_ms: float = 2.0,
+        observe: Callable[[int], None] | None = None,
+        executor: Executor | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        self.run, self.max_batch, self.max_wait = run, int(max_batch), max_wait_ms / 1000.0
+        self.observe, self.executor = observe, executor
+        self._queue: asyncio.Queue[_Pending[T]] | None = None
+        self._worker: asyncio.Task | None = None
+        self._gathering: list[_Pending[T]] = []  # taken from the queue, not yet running
+        self._last_size = 0  # the previous batch's size: waiting pays only under concurrency
+        self._closed = False
+
+    async def submit(self, request: T) -> R:
+        """The result of `request`, or the exception its run raised."""
+        if self._closed:
+            raise BatcherClosed("the service is shutting down")
+        loop = asyncio.get_running_loop()
+        if self.max_batch == 1:
+            self._observe(1)
+            return (await loop.run_in_executor(self.executor, self.run, [request]))[0]
+        self._ensure_worker(loop)
+        pending = _Pending(request, loop.create_future())
+        self._queue.put_nowait(pending)
+        return await pending.future
+
+    async def close(self) -> None:
+        """Stop the worker; requests still queued get BatcherClosed (a batch already running
+        finishes first: its requests are answered)."""
+        self._closed = True
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+        left = list(self._gathering)
+        while self._queue is not None and not self._queue.empty():
+            left.append(self._queue.get_nowait())
+        for pending in left:
+            _settle(pending.future, error=BatcherClosed("the service is shutting down"))
+
+    # -- worker -----------------------------------------------------------------------------
+    def _ensure_worker(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._worker is None or self._worker.done() or self._worker.get_loop() is not loop:
+            self._queue = asyncio.Queue()
+            self._worker = loop.create_task(self._work(), name="micro-batcher")
+
+    async def _work(self) -> None:
+        while True:
+            batch = await self._gather()
+            self._gathering = []
+            running = asyncio.ensure_future(self._run(batch))
+            try:
+                await asyncio.shield(running)  # a cancelled worker lets this batch finish
+            except asyncio.CancelledError:
+                await running
+                raise
+
+    async def _gather(self) -> list[_Pending[T]]:
+        """The first queued request, then whatever arrives within `max_wait` (at most
+        `max_batch` in all); requests whose caller went away are dropped."""
+        loop = asyncio.get_running_loop()
+        batch = self._gathering = [await self._queue.get()]
+        deadline = loop.time() + (self.max_wait if self._last_size > 1 else 0.0)
+        while len(batch) < self.max_batch:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), left))
+            except TimeoutError:
+                break
+        return [p for p in batch if not p.future.done()]
+
+    async def _run(self, batch: list[_Pending[T]]) -> None:
+        if not batch:
+            return
+        loop = asyncio.get_running_loop()
+        self._observe(len(batch))
+        self._last_size = len(batch)
+        try:
+            results = await loop.run_in_executor(
+                self.executor, self.run, [p.request for p in batch]
+            )
+        except Exception as err:
+            if len(batch) == 1:
+                _settle(batch[0].future, error=err)
+                return
+            log.warning("a batch of %d failed (%s); running its requests alone", len(batch), err)
+            for pending in batch:
+                try:
+                    (result,) = await loop.run_in_executor(
+                        self.executor, self.run, [pending.request]
+                    )
+                except Exception as alone:
+                    _settle(pending.future, error=alone)
+                else:
+                    _settle(pending.future, result)
+            return
+        if len(results) != len(batch):
+            error = RuntimeError(f"batch of {len(batch)} answered {len(results)} results")
+            for pending in batch:
+                _settle(pending.future, error=error)
+            return
+        for pending, result in zip(batch, results, strict=True):
+            _settle(pending.future, result)
+
+    def _observe(self, size: int) -> None:
+        if self.observe is not None:
+            self.observe(size)
+
+
+def _settle(future: asyncio.Future, result: Any = None, error: BaseException | None = None):
+    if future.done():  # the caller was cancelled (client gone)
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
