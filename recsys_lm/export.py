@@ -42,7 +42,14 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from recsys_lm.build import Run, build_datamodule, build_trainer, load_flavour, load_run
+from recsys_lm.build import (
+    Run,
+    build_datamodule,
+    build_trainer,
+    file_sha256,
+    load_flavour,
+    load_run,
+)
 from recsys_lm.durable import atomic_directory, atomic_write_text
 from recsys_lm.errors import RecsysLMError
 from recsys_lm.models.adapters import is_peft
@@ -315,7 +322,7 @@ def checksums(folder: Path) -> dict[str, str]:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         name = path.relative_to(folder).as_posix()
         if name != MANIFEST:
-            out[name] = _sha256(path)
+            out[name] = file_sha256(path)
     return out
 
 
@@ -329,14 +336,6 @@ def version(files: dict[str, str]) -> str:
         if not name.endswith("/" + fl.RECIPE_FILE)
     )
     return hashlib.sha256(lines.encode()).hexdigest()[:12]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _summary(figures: dict) -> str:
