@@ -139,7 +139,9 @@ def test_flavours_meet_their_thresholds_and_pruning_is_reported(exported):
         parity = flavours[name]["parity"]
         assert parity["max_score_diff"] > 0 and parity["top_k_overlap"] >= 0.9, name
         assert parity["limits"]["min_overlap"] == 0.9
-    assert flavours["int8"]["recipe"]["config"] == "Int8DynamicActivationInt8WeightConfig"
+    assert (
+        flavours["int8"]["recipe"]["config"] == "Int8DynamicActivationIntxWeightConfig"
+    )  # the CPU default (conf/export.yaml)
     pruned = flavours["pruned-1"]
     assert pruned["recipe"]["layers"] == 1 and pruned["recipe"]["of"] == 2
     assert pruned["parity"]["max_score_diff"] > 1e-4  # a removed layer shows
