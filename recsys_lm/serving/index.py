@@ -42,13 +42,23 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from recsys_lm.durable import atomic_directory
 from recsys_lm.errors import ConfigError, DataError, RecsysLMError, UnknownItem
 
 BACKENDS = ("exact", "faiss", "faiss-hnsw")
+
+
+def _faiss():
+    """faiss, imported on first use: the exact backend (the default) needs numpy only, so
+    training (which imports this module through the composition root) neither pays for
+    faiss at start-up nor needs the `serve` extra's faiss-cpu."""
+    import faiss
+
+    return faiss
+
+
 HNSW_DEFAULTS = {"M": 32, "efConstruction": 64, "efSearch": 64}
 COMPACT_AT = 1024  # tombstones below this never trigger a compaction
 FORMAT = 1
@@ -71,7 +81,7 @@ class _FlatEngine:
         self.reset(np.empty((0, dim), np.float32))
 
     def reset(self, matrix: np.ndarray) -> None:
-        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        self.index = _faiss().IndexIDMap2(_faiss().IndexFlatIP(self.dim))
         self.add(np.arange(len(matrix), dtype=np.int64), matrix)
 
     def add(self, rows: np.ndarray, vectors: np.ndarray) -> None:
@@ -83,7 +93,7 @@ class _FlatEngine:
             self.index.remove_ids(rows.astype(np.int64))
 
     def params(self, selector, k: int):
-        return faiss.SearchParameters(sel=selector) if selector is not None else None
+        return _faiss().SearchParameters(sel=selector) if selector is not None else None
 
 
 class _HnswEngine:
@@ -97,7 +107,7 @@ class _HnswEngine:
         self.reset(np.empty((0, dim), np.float32))
 
     def reset(self, matrix: np.ndarray) -> None:
-        self.index = faiss.IndexHNSWFlat(self.dim, self.M, faiss.METRIC_INNER_PRODUCT)
+        self.index = _faiss().IndexHNSWFlat(self.dim, self.M, _faiss().METRIC_INNER_PRODUCT)
         self.index.hnsw.efConstruction = self.ef_construction
         self.add(np.arange(len(matrix), dtype=np.int64), matrix)
 
@@ -115,7 +125,7 @@ class _HnswEngine:
         """Nothing to do: tombstoned rows are filtered by the query's selector."""
 
     def params(self, selector, k: int):
-        return faiss.SearchParametersHNSW(sel=selector, efSearch=max(self.ef_search, k))
+        return _faiss().SearchParametersHNSW(sel=selector, efSearch=max(self.ef_search, k))
 
 
 def _engine(backend: str, dim: int, options: dict[str, Any]):
@@ -350,10 +360,10 @@ class ItemIndex:
 
     def _search_one(self, query, k, excluded, allowed):
         if allowed is None:
-            banned = faiss.IDSelectorBatch(excluded) if len(excluded) else None
+            banned = _faiss().IDSelectorBatch(excluded) if len(excluded) else None
             scores, labels = self._faiss_search(query, k, self._not(banned))
         elif len(allowed):
-            scores, labels = self._faiss_search(query, k, [faiss.IDSelectorBatch(allowed)])
+            scores, labels = self._faiss_search(query, k, [_faiss().IDSelectorBatch(allowed)])
         else:
             return np.empty(0, np.float32), np.empty(0, np.int64)
         return scores[0], labels[0]
@@ -365,9 +375,9 @@ class ItemIndex:
         dead = self._dead() if self._engine.tombstones else None
         parts = [s for s in (banned, dead) if s is not None]
         if len(parts) == 2:
-            parts.append(faiss.IDSelectorOr(banned, dead))
+            parts.append(_faiss().IDSelectorOr(banned, dead))
         if parts:
-            parts.append(faiss.IDSelectorNot(parts[-1]))
+            parts.append(_faiss().IDSelectorNot(parts[-1]))
         return parts
 
     def _faiss_search(self, queries: np.ndarray, k: int, selectors: list):
@@ -380,7 +390,7 @@ class ItemIndex:
             return None
         if self._dead_selector is None:
             dead = np.flatnonzero(~self._alive[: self._size]).astype(np.int64)
-            self._dead_selector = faiss.IDSelectorBatch(dead)
+            self._dead_selector = _faiss().IDSelectorBatch(dead)
         return self._dead_selector
 
     # -- persistence -------------------------------------------------------------------------
@@ -397,7 +407,7 @@ class ItemIndex:
             text = json.dumps({**settings, "options": self.options}, indent=2)
             _write(tmp / "index.json", lambda f: f.write(text.encode()))
             if isinstance(self._engine, _HnswEngine):
-                faiss.write_index(self._engine.index, str(tmp / "hnsw.faiss"))
+                _faiss().write_index(self._engine.index, str(tmp / "hnsw.faiss"))
                 _fsync(tmp / "hnsw.faiss")
 
     @classmethod
@@ -428,12 +438,12 @@ class ItemIndex:
             saved = {**HNSW_DEFAULTS, **settings["options"]}
             wanted = {**HNSW_DEFAULTS, **options}
             if all(saved[o] == wanted[o] for o in ("M", "efConstruction")):
-                return cls._with_graph(ids, vectors, faiss.read_index(str(graph)), options)
+                return cls._with_graph(ids, vectors, _faiss().read_index(str(graph)), options)
         return cls.from_vectors(ids, vectors, backend, **options)
 
     @classmethod
     def _with_graph(cls, ids, vectors, graph, options) -> ItemIndex:
-        if graph.metric_type != faiss.METRIC_INNER_PRODUCT:
+        if graph.metric_type != _faiss().METRIC_INNER_PRODUCT:
             raise DataError(f"hnsw.faiss: metric {graph.metric_type}, expected inner product")
         if graph.ntotal != len(ids) or graph.d != vectors.shape[1]:
             raise DataError(
