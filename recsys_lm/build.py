@@ -16,6 +16,7 @@ instantiates the module, the data, the callbacks or a saved model.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import json
@@ -218,7 +219,8 @@ def load_flavour(
     """The trained module of an export (`python -m recsys_lm.export`) in one inference
     flavour, in eval mode, without data (`attach` it for score / recommend): `eager` is the
     trained model itself; every other flavour is the merged model (plain weights, peft=none)
-    transformed as its name says (serving/flavours.py). `threads`: onnxruntime's intra-op
+    transformed as its name says (serving/flavours.py); the quantised ones (int8, onnx-int8)
+    embed items with the merged weights and only users in int8. `threads`: onnxruntime's intra-op
     threads for the ONNX flavours (default: every core)."""
     export_dir = Path(export_dir)
     if flavour == flavours.EAGER:
@@ -229,14 +231,22 @@ def load_flavour(
     merged = export_dir / flavours.FOLDER / flavours.MERGED
     module = build_module(flavours.load_config(merged))
     flavours.load_head(module, merged)
+    # Quantised flavours embed items (offline, once) with the exact merged weights: only the
+    # per-request user side runs in int8 (RecsysLM.use_item_backbone).
     if wanted.kind == flavours.INT8:
+        module.use_item_backbone(copy.deepcopy(module.backbone).eval())  # quantised in place
         recipe = flavours.read_recipe(export_dir / wanted.folder)
         flavours.quantize_int8(module.backbone, recipe["config"])
     elif wanted.kind == flavours.PRUNED:
         flavours.prune_layers(module.backbone, wanted.layers)
     elif wanted.kind in (flavours.ONNX, flavours.ONNX_INT8):
         graph = export_dir / wanted.folder / flavours.GRAPH
+        if wanted.kind == flavours.ONNX_INT8:
+            module.use_item_backbone(module.backbone.eval())
         module.backbone = flavours.OnnxBackbone(graph, module.backbone, threads)
+        query = export_dir / wanted.folder / flavours.QUERY_GRAPH
+        if query.is_file():  # the head's own user-side network, compiled
+            module.head.use_query_network(flavours.OnnxQuery(query, threads))
     return module.eval()
 
 

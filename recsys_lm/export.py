@@ -176,12 +176,22 @@ class Exporter:
             return fl.merged_recipe(model, model_cfg.peft.name)
         if flavour.kind == fl.ONNX:
             fl.check_onnx(merged.backbone)
-            return fl.export_onnx(merged.backbone, folder / fl.GRAPH, self.cfg.onnx.opset)
+            recipe = fl.export_onnx(merged.backbone, folder / fl.GRAPH, self.cfg.onnx.opset)
+            return self._query_graph(merged, folder, recipe)
         if flavour.kind == fl.ONNX_INT8:
-            return self._quantised_graph(merged, folder)
+            return self._query_graph(merged, folder, self._quantised_graph(merged, folder))
         if flavour.kind == fl.INT8:
             return fl.int8_recipe(self.cfg.int8.config)
         return fl.pruned_recipe(flavour, fl.num_layers(merged.backbone))
+
+    def _query_graph(self, merged: RecsysLM, folder: Path, recipe: dict) -> dict:
+        """The head's own user-side network (Head.query_network), if it has one, as a second
+        graph beside the backbone's."""
+        network = merged.head.query_network()
+        if network is not None:
+            path = folder / fl.QUERY_GRAPH
+            recipe["head"] = fl.export_query(network, network.dim, path, self.cfg.onnx.opset)
+        return recipe
 
     def _quantised_graph(self, merged: RecsysLM, folder: Path) -> dict:
         onnx = self.cfg.onnx
@@ -244,9 +254,9 @@ def _write_vectors(module: RecsysLM, folder: Path, name: str) -> None:
     if not head.ranks_by_vectors:
         return
     batches = head.require_catalogue().item_batches(module.hparams.eval_batch_size)
-    device = module.backbone.device
+    device = module.item_backbone.device
     parts = [
-        head.item_vectors(module.backbone, move_data_to_device(b, device)).float().cpu()
+        head.item_vectors(module.item_backbone, move_data_to_device(b, device)).float().cpu()
         for b in batches
     ]
     (folder / VECTORS).mkdir(exist_ok=True)

@@ -93,6 +93,9 @@ def test_item_vectors_are_saved_per_flavour(exported, lora_run):
         vectors = np.load(out / "vectors" / f"{name}.npy")
         assert vectors.shape == eager.shape, name
     np.testing.assert_allclose(np.load(out / "vectors" / "onnx.npy"), eager, atol=1e-5)
+    for name in fl.QUANTISED:  # items are embedded offline, by the exact weights
+        np.testing.assert_allclose(np.load(out / "vectors" / f"{name}.npy"), eager, atol=1e-5)
+        assert manifest["flavours"][name]["recipe"]["item_side"] == fl.ITEM_SIDE
     assert np.abs(np.load(out / "vectors" / "pruned-1.npy") - eager).max() > 1e-4
 
 
@@ -169,6 +172,12 @@ def test_each_flavour_loads_and_scores_like_the_trained_model(exported, lora_run
             assert isinstance(module.backbone, fl.OnnxBackbone)
         else:
             assert not is_peft(module.backbone)
+        # quantised flavours: users in int8, items through the exact merged weights
+        exact = name in fl.QUANTISED
+        assert (module.item_backbone is not module.backbone) == exact, name
+        if exact:  # the plain merged torch backbone
+            assert not isinstance(module.item_backbone, fl.OnnxBackbone), name
+            assert not is_peft(module.item_backbone), name
     pruned = load_flavour(out, "pruned-1")
     pruned.attach(run.data)
     assert fl.num_layers(pruned.backbone) == 1
@@ -213,6 +222,13 @@ def test_other_heads_export_exact_flavours(tmp_path, overrides):
     click = "head=click" in overrides
     assert manifest["flavours"]["onnx"]["parity"]["metric"] == ("auroc" if click else "ndcg@10")
     assert (out / "vectors" / "onnx.npy").is_file() != click  # a cross-encoder has no vectors
+    # the sequential head's own encoder is compiled too (and its graph is what was checked)
+    query = out / "flavours" / "onnx" / fl.QUERY_GRAPH
+    assert query.is_file() == (not click)
+    head = load_flavour(out, "onnx").head
+    if not click:
+        assert isinstance(head._query_network, fl.OnnxQuery)
+        assert manifest["flavours"]["onnx"]["recipe"]["head"]["graph"] == fl.QUERY_GRAPH
 
 
 def test_the_command_line_exports_and_reports_mistakes(lora_run, tmp_path):

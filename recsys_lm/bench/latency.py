@@ -40,12 +40,12 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import hydra
@@ -70,7 +70,18 @@ REQUEST_MODES = ("users", "histories")
 STATS = ("p50", "p95", "p99", "mean", "max", "throughput", "sent", "ok", "errors", "5xx")
 RATIO_STATS = ("p50", "p95", "p99", "mean", "max", "throughput")
 BATCH_METRIC = "recsys_lm_batch_size"  # serving/telemetry.py: requests per model call
-VERSIONS = ("torch", "onnxruntime", "transformers", "peft", "fastapi", "uvicorn", "httpx")
+VERSIONS = (
+    "torch",
+    "onnxruntime",
+    "transformers",
+    "peft",
+    "fastapi",
+    "uvicorn",
+    "uvloop",
+    "httptools",
+    "httpx",
+)
+T = TypeVar("T")
 # Run in a subprocess with a server's environment and affinity: the torch thread counts it gets.
 # (Its onnxruntime sessions take the `threads` the server is given: serving/flavours.py.)
 THREAD_PROBE = (
@@ -80,7 +91,7 @@ THREAD_PROBE = (
 )
 SHARED_CORES = (
     "the servers and the load generator share cpus {cpus}: each figure includes the client's "
-    "own work (asyncio + httpx, one thread)"
+    "own work (asyncio + httpx, one thread; on uvloop where installed)"
 )
 
 
@@ -679,6 +690,17 @@ async def run_load(
     return Measured(load, summarise(outcomes), batch, None if lag is None else lag * 1000.0)
 
 
+def run_loop(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run the load generator on uvloop where installed (the serve extra has it, and the
+    server runs on it too): the client's share of each figure, on the same cores, shrinks."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coroutine)
+
+
 def client_for(url: str, cfg: DictConfig, connections: int) -> httpx.AsyncClient:
     timeout = float(cfg.client.timeout_s)
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
@@ -774,7 +796,7 @@ def crosscheck(server: Server, body: bytes, cfg: DictConfig, run_dir: Path) -> d
     if shutil.which("hey") is None:
         out["hey"] = {"error": "hey is not on PATH"}
         return out
-    out["ours"] = asdict(asyncio.run(ours_on_one_body(server, body, cfg)))
+    out["ours"] = asdict(run_loop(ours_on_one_body(server, body, cfg)))
     limit = float(cfg.crosscheck.seconds) + float(cfg.client.timeout_s)
     try:
         done = subprocess.run(hey, capture_output=True, text=True, timeout=limit)
@@ -797,7 +819,7 @@ def run_target(
     try:
         record["ready"] = wait_ready(server, float(cfg.server.ready_timeout_s))
         record["startup_s"] = time.perf_counter() - started
-        record["loads"] = [_plain(m) for m in asyncio.run(measure(server, bodies, cfg))]
+        record["loads"] = [_plain(m) for m in run_loop(measure(server, bodies, cfg))]
         if cfg.crosscheck.target == target.name:
             record["crosscheck"] = crosscheck(server, bodies[0], cfg, run_dir)
     finally:

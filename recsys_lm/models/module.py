@@ -70,6 +70,7 @@ class RecsysLM(L.LightningModule):
         self.val_metrics = self.task.metrics(k)
         self.test_metrics = self.task.metrics(k)
         self._indexed = False  # whether on_eval_start ran since the weights last changed
+        self._item_backbone: Backbone | None = None  # see use_item_backbone
         self.register_load_state_dict_post_hook(_weights_changed)
         # from_pretrained returns modules in eval mode; Lightning keeps each module's mode, so
         # dropout would silently stay off during fine-tuning.
@@ -81,6 +82,24 @@ class RecsysLM(L.LightningModule):
                 getattr(freeze, "name", freeze),
                 "a combination that leaves some parameter trainable",
             )
+
+    # -- the item side -----------------------------------------------------------------------
+    @property
+    def item_backbone(self) -> Backbone:
+        """The backbone that embeds the catalogue (`on_eval_start`): `backbone` unless
+        `use_item_backbone` set another."""
+        return self._item_backbone if self._item_backbone is not None else self.backbone
+
+    def use_item_backbone(self, backbone: Backbone | None) -> None:
+        """Embed the catalogue with `backbone` while users go through `self.backbone`.
+
+        Quantised serving flavours use it: item vectors are computed once, offline, so they
+        come from the exact weights, and only the per-request user side pays the int8
+        error (MiniLM two-tower, ML-100K: top-10 overlap 0.84 -> 0.92 for onnx-int8).
+        `None` goes back to one backbone for both sides."""
+        # Set past nn.Module.__setattr__: not a submodule, so neither trained nor saved.
+        object.__setattr__(self, "_item_backbone", backbone)
+        self._indexed = False
 
     # -- data-dependent state -------------------------------------------------------------
     def attach(self, data: PreparedData) -> None:
@@ -139,7 +158,7 @@ class RecsysLM(L.LightningModule):
         return (move_data_to_device(b, self.device) for b in batches)
 
     def _begin_eval(self) -> None:
-        self.head.on_eval_start(self.backbone, self._item_batches())
+        self.head.on_eval_start(self.item_backbone, self._item_batches())
         self._indexed = True
 
     def on_validation_epoch_start(self) -> None:

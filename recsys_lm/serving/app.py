@@ -12,8 +12,12 @@
 The model comes from `loader()` (the entry point builds it from an export folder; tests from
 a run in-process), loaded in a background task so the port answers at once: `/readyz` is 503
 until it is ready. A reload loads the new model in a thread while the old one serves, then
-swaps the reference; a batch already running finishes on the model it started with. Items
-added or removed through the API are replayed onto a reloaded model.
+swaps the reference; a batch already running finishes on the model it started with.
+
+Items added or removed through the API are logged in the store (its item edits' log) before
+the route answers: every load (the first, a restart's, a reload's) replays the whole log onto
+the model before serving it, and every `item_sync_s` seconds each worker applies the edits
+other workers logged since, so all the workers sharing a store converge on one catalogue.
 
 Model calls go through micro-batchers (batching.py); events through one too, so concurrent
 posts share one durable commit. Store calls run on one dedicated thread: the event store is
@@ -47,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from recsys_lm.errors import RecsysLMError, UnknownItem
 from recsys_lm.serving.batching import BatcherClosed, MicroBatcher
 from recsys_lm.serving.model import Pipeline, Ranked, ServedModel
-from recsys_lm.serving.store import Event, EventStore
+from recsys_lm.serving.store import Event, EventStore, InvalidInput, ItemEdit, StoreUnavailable
 from recsys_lm.serving.telemetry import Telemetry
 
 log = logging.getLogger("recsys_lm.serving")
@@ -78,10 +82,13 @@ class ServiceSettings:
     max_wait_ms: float = 2.0  # longest a request waits for others to join its batch
     seed_users: bool = True  # copy the export's users into the store at load (idempotent)
     reload_on_sighup: bool = False  # SIGHUP reloads the model (the entry point turns it on)
+    item_sync_s: float = 1.0  # how often to apply item edits other workers logged; 0: never
 
     def __post_init__(self) -> None:
         if not 1 <= self.default_k <= self.max_k:
             raise ValueError(f"default_k={self.default_k} must lie in 1..max_k={self.max_k}")
+        if not self.item_sync_s >= 0:
+            raise ValueError(f"item_sync_s={self.item_sync_s} must be >= 0 (0: no polling)")
 
 
 # -- request and response bodies -------------------------------------------------------------
@@ -276,27 +283,64 @@ def servable(model: Model, ids: Sequence[str]) -> list[str]:
 # -- the service -----------------------------------------------------------------------------
 @dataclass
 class Catalogue:
-    """Item edits made through the API since start, replayed onto a reloaded model."""
+    """Which logged item edits (the store's item edits' log) a model has: every one up to
+    `seq`, and those above it in `ahead` (this worker's own, applied when made: the sync
+    skips them when it reaches them, and still applies what other workers logged between)."""
 
-    added: dict[str, str | dict] = field(default_factory=dict)
-    removed: set[str] = field(default_factory=set)
+    seq: int = 0
+    ahead: set[int] = field(default_factory=set)
 
-    def add(self, items: dict[str, str | dict]) -> None:
-        self.added.update(items)
-        self.removed.difference_update(items)
+    def missing(self, edits: Sequence[ItemEdit]) -> list[ItemEdit]:
+        """The edits of a page read after `seq` that the model does not have yet."""
+        return [e for e in edits if e.seq not in self.ahead]
 
-    def remove(self, ids: Sequence[str]) -> None:
-        for i in ids:
-            self.added.pop(i, None)
-        self.removed.update(ids)
+    def passed(self, edits: Sequence[ItemEdit]) -> None:
+        """The model has a page of edits now: move the mark past it."""
+        self.ahead.difference_update(e.seq for e in edits)
+        self.seq = max(self.seq, edits[-1].seq)
 
-    def replay(self, model: Model) -> None:
-        new = {i: v for i, v in self.added.items() if not model.has_item(i)}
-        if new:
-            model.add_items(new)
-        gone = [i for i in self.removed if model.has_item(i)]
-        if gone:
-            model.remove_items(gone)
+
+def apply_edits(model: Model, edits: Sequence[ItemEdit]) -> None:
+    """Logged item edits onto a model, in order, a run of adds (one embedding pass) or of
+    removes at a time. An add of an item the model serves and a remove of one it does not
+    serve are skipped: the model has them already (or, for two workers that added one id
+    at once, the first one it saw wins)."""
+    adds: dict[str, str | dict] = {}
+    removes: list[str] = []
+    for edit in edits:
+        if edit.op == "add":
+            if removes:
+                model.remove_items(removes)
+                removes = []
+            if edit.item not in adds and not model.has_item(edit.item):
+                adds[edit.item] = edit.payload
+        else:
+            if adds:
+                add_logged(model, adds)
+                adds = {}
+            if edit.item not in removes and model.has_item(edit.item):
+                removes.append(edit.item)
+    if adds:
+        add_logged(model, adds)
+    if removes:
+        model.remove_items(removes)
+
+
+def add_logged(model: Model, items: dict[str, str | dict]) -> None:
+    """Add logged items; one whose fields this model's templates cannot render (another
+    export after a reload) is logged and skipped rather than keeping the model from serving."""
+    try:
+        model.add_items(items)
+        return
+    except RecsysLMError:
+        pass
+    for item, payload in items.items():
+        if model.has_item(item):
+            continue
+        try:
+            model.add_items({item: payload})
+        except RecsysLMError as err:
+            log.error("logged item %r cannot be added to model %s: %s", item, model.version, err)
 
 
 class Service:
@@ -318,13 +362,14 @@ class Service:
         self.model: Model | None = None
         self.loaded_at = 0.0
         self.load_error: str | None = None  # the first load's failure: not ready, not healthy
-        self.catalogue = Catalogue()
+        self.catalogue = Catalogue()  # the served model's item edits (swapped with it)
         self.reload_lock = asyncio.Lock()
-        self.catalogue_lock = asyncio.Lock()
+        self.catalogue_lock = asyncio.Lock()  # item edits and swaps: one at a time
         # One thread for the store: a SQLite connection belongs to its thread, and appends
         # are serialised anyway by the log.
         self.store_thread = ThreadPoolExecutor(1, thread_name_prefix="event-store")
         self._first_load: asyncio.Task | None = None
+        self._item_sync: asyncio.Task | None = None
         self._reloads: set[asyncio.Task] = set()  # SIGHUP reloads in flight (kept referenced)
         batch, wait = settings.max_batch, settings.max_wait_ms
         sizes = self.telemetry.batch_size
@@ -345,6 +390,8 @@ class Service:
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> None:
         self._first_load = asyncio.ensure_future(self._load_first())
+        if self.settings.item_sync_s > 0:
+            self._item_sync = asyncio.ensure_future(self._follow_items())
 
     async def _load_first(self) -> None:
         try:
@@ -354,10 +401,11 @@ class Service:
             log.exception("the model failed to load; the service is not ready")
 
     async def close(self) -> None:
-        if self._first_load is not None and not self._first_load.done():
-            self._first_load.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._first_load
+        for task in (self._first_load, self._item_sync):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for batcher in (self.recommender, self.scorer, self.event_log):
             await batcher.close()
         if self.close_store:
@@ -369,14 +417,17 @@ class Service:
 
     async def swap(self, loader: Loader, source: dict[str, Any]) -> Model:
         """Load a model in a thread (the current one keeps serving), seed its users, replay
-        the API's item edits onto it and make it the served model."""
+        the logged item edits onto it and make it the served model."""
         async with self.reload_lock:
             model = await asyncio.to_thread(loader)
             if self.settings.seed_users and model.users:
                 await self.in_store(self.store.seed_users, model.users)
+            catalogue = Catalogue()
+            await self._catch_up(model, catalogue)  # most of the log, while edits go on
             async with self.catalogue_lock:
-                await asyncio.to_thread(self.catalogue.replay, model)
-                self.model = model  # batches already running keep the model they started with
+                await self._catch_up(model, catalogue)  # what was logged meanwhile
+                # batches already running keep the model they started with
+                self.model, self.catalogue = model, catalogue
             self.loader, self.source, self.loaded_at = loader, dict(source), time.time()
             self.load_error = None  # a failed first load, repaired by a reload
             self.telemetry.observe_model(model.version, model.flavour, model.task, model.num_items)
@@ -409,6 +460,52 @@ class Service:
             self.telemetry.reloads.labels(outcome="failed").inc()
             log.exception("reload failed; still serving model %s", self.version)
             raise HTTPException(500, f"reload failed, still serving the old model: {err}") from err
+
+    # -- item edits -------------------------------------------------------------------------
+    async def _catch_up(self, model: Model, catalogue: Catalogue) -> None:
+        """Apply to `model` the logged item edits after `catalogue.seq` it lacks, a page at
+        a time (each in a thread: adds embed items)."""
+        while edits := await self.in_store(self.store.item_edits_after, catalogue.seq):
+            await asyncio.to_thread(apply_edits, model, catalogue.missing(edits))
+            catalogue.passed(edits)
+
+    async def sync_items(self) -> None:
+        """Apply the item edits other workers logged since the last sync."""
+        if self.model is None:  # the first load replays the whole log
+            return
+        if not await self.in_store(self.store.item_edits_after, self.catalogue.seq, 1):
+            return  # nothing new: no lock taken, the routes' edits never wait on a poll
+        async with self.catalogue_lock:
+            await self._catch_up(self.model, self.catalogue)
+        self.telemetry.index_items.set(self.model.num_items)
+
+    async def _follow_items(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.item_sync_s)
+            try:
+                await self.sync_items()
+            except Exception:  # the store down a while: the next poll tries again
+                log.exception("item sync failed; retrying in %s s", self.settings.item_sync_s)
+
+    async def log_edits(
+        self, edits: list[ItemEdit], undo: Callable[[], Any] | None = None
+    ) -> list[int]:
+        """Log item edits (durably: they are acknowledged next); their seqs. The store not
+        acknowledging them undoes them on the model (`undo`, in a thread: a retry must not
+        find an id half-added) and is a 422 (a value the log refuses), 503 or logged 500."""
+        try:
+            seqs = await self.in_store(self.store.edit_items, edits)
+        except Exception as err:
+            if undo is not None:
+                await asyncio.to_thread(undo)
+            if isinstance(err, InvalidInput):
+                raise unprocessable("items", str(err), "item_edit") from err
+            if isinstance(err, StoreUnavailable):
+                raise HTTPException(503, f"item log unavailable, not acknowledged: {err}") from err
+            self.telemetry.model_errors.labels(route="/items").inc()
+            log.exception("/items: the item log raised")
+            raise HTTPException(500, f"item log error: {type(err).__name__}: {err}") from err
+        return seqs
 
     def on_sighup(self) -> None:
         async def reload() -> None:
@@ -634,7 +731,10 @@ def items_router(schemas: Schemas) -> APIRouter:
                 added = await asyncio.to_thread(model.add_items, items)
             except RecsysLMError as err:  # fields that do not fit the run's templates
                 raise unprocessable("items.fields", str(err), "item_fields") from err
-            service.catalogue.add(items)
+            now = time.time()
+            edits = [ItemEdit("add", i, value, now) for i, value in items.items()]
+            seqs = await service.log_edits(edits, undo=lambda: model.remove_items(added))
+            service.catalogue.ahead.update(seqs)  # the sync must not add them again
         service.telemetry.index_items.set(model.num_items)
         return {"added": added, "index_items": model.num_items, **replied(model)}
 
@@ -645,8 +745,11 @@ def items_router(schemas: Schemas) -> APIRouter:
             model = service.require_model()
             if not model.has_item(item_id):
                 raise HTTPException(404, f"item {item_id!r} is not served (unknown or removed)")
+            # logged first: the lock and the check above leave the removal nothing to refuse,
+            # and an item once removed cannot be put back as it was if the log failed
+            seqs = await service.log_edits([ItemEdit("remove", item_id, None, time.time())])
             await asyncio.to_thread(model.remove_items, [item_id])
-            service.catalogue.remove([item_id])
+            service.catalogue.ahead.update(seqs)
         service.telemetry.index_items.set(model.num_items)
         return {"removed": [item_id], "index_items": model.num_items, **replied(model)}
 

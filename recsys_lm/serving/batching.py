@@ -6,7 +6,11 @@ most `max_wait_ms` after the first for others to arrive, then runs them together
 thread (the event loop keeps accepting requests meanwhile). While a batch runs, the next
 one gathers in the queue, so under load batches fill without waiting. The wait is spent only
 when the previous batch held more than one request: a lone client (concurrency 1) has no
-company to wait for, and would pay `max_wait_ms` on every request for nothing.
+company to wait for, and would pay `max_wait_ms` on every request for nothing. A request
+that finds the model idle and nobody queued skips the queue and runs at once, as without
+batching (the queue and the worker task cost a few event-loop turns: sequential head at
+concurrency 1, p99 5.7 against 3.3 ms); whatever arrives meanwhile queues and forms the next
+batch.
 
 `max_batch=1` turns batching off: each request runs alone in a thread as soon as it comes,
 the baseline the latency benchmark compares against.
@@ -66,6 +70,7 @@ class MicroBatcher(Generic[T, R]):
         self._worker: asyncio.Task | None = None
         self._gathering: list[_Pending[T]] = []  # taken from the queue, not yet running
         self._last_size = 0  # the previous batch's size: waiting pays only under concurrency
+        self._model: asyncio.Lock | None = None  # held while a batch (or a lone request) runs
         self._closed = False
 
     async def submit(self, request: T) -> R:
@@ -77,6 +82,11 @@ class MicroBatcher(Generic[T, R]):
             self._observe(1)
             return (await loop.run_in_executor(self.executor, self.run, [request]))[0]
         self._ensure_worker(loop)
+        if self._queue.empty() and not self._model.locked():
+            async with self._model:  # idle: run now (no await between the check and this)
+                self._observe(1)
+                self._last_size = 1
+                return (await loop.run_in_executor(self.executor, self.run, [request]))[0]
         pending = _Pending(request, loop.create_future())
         self._queue.put_nowait(pending)
         return await pending.future
@@ -99,24 +109,28 @@ class MicroBatcher(Generic[T, R]):
     def _ensure_worker(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._worker is None or self._worker.done() or self._worker.get_loop() is not loop:
             self._queue = asyncio.Queue()
+            self._model = asyncio.Lock()
             self._worker = loop.create_task(self._work(), name="micro-batcher")
 
     async def _work(self) -> None:
         while True:
-            batch = await self._gather()
-            self._gathering = []
-            running = asyncio.ensure_future(self._run(batch))
-            try:
-                await asyncio.shield(running)  # a cancelled worker lets this batch finish
-            except asyncio.CancelledError:
-                await running
-                raise
+            first = await self._queue.get()
+            self._gathering = [first]
+            async with self._model:  # a lone request running now: the queue fills meanwhile
+                batch = await self._gather(first)
+                self._gathering = []
+                running = asyncio.ensure_future(self._run(batch))
+                try:
+                    await asyncio.shield(running)  # a cancelled worker lets this batch finish
+                except asyncio.CancelledError:
+                    await running
+                    raise
 
-    async def _gather(self) -> list[_Pending[T]]:
+    async def _gather(self, first: _Pending[T]) -> list[_Pending[T]]:
         """The first queued request, then whatever arrives within `max_wait` (at most
         `max_batch` in all); requests whose caller went away are dropped."""
         loop = asyncio.get_running_loop()
-        batch = self._gathering = [await self._queue.get()]
+        batch = self._gathering = [first]
         deadline = loop.time() + (self.max_wait if self._last_size > 1 else 0.0)
         while len(batch) < self.max_batch:
             if not self._queue.empty():

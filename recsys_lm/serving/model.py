@@ -179,7 +179,7 @@ class ServedModel:
         for start in range(0, len(indices), ITEM_BATCH):
             batch = items.collate(indices[start : start + ITEM_BATCH])
             batch = move_data_to_device(batch, self._device)
-            parts.append(self.head.item_vectors(self.backbone, batch).float().cpu())
+            parts.append(self.head.item_vectors(self.module.item_backbone, batch).float().cpu())
         dim = parts[0].shape[1] if parts else 0
         return torch.cat(parts).numpy() if parts else np.zeros((0, dim), np.float32)
 

@@ -6,18 +6,25 @@ acknowledges an event only once a crash can no longer lose it, and the next `his
 from any worker, sees it. Sequence numbers increase with commit order (a reader that keeps a
 watermark and asks for `events_after(watermark)` misses nothing); they may skip numbers.
 
+Item edits (items added by text or fields, items removed: `ItemEdit`) have a log of their
+own with its own sequence numbers, durable the same way before `edit_items` returns: a
+restarted service, or another worker polling `item_edits_after(watermark)`, replays them.
+
 Two implementations:
 
     SqliteStore  sqlite:///<path>  (SQLAlchemy's convention: sqlite:///events.db is relative,
                  sqlite:////var/lib/recsys/events.db absolute). Embedded, no server; WAL
                  journal, synchronous=FULL (each commit fsyncs the WAL), one connection per
                  thread and process, so the uvicorn workers of one machine share one file.
-                 Tables: `events` (the log, seq = AUTOINCREMENT rowid: never reused) and
+                 Tables: `events` (the log, seq = AUTOINCREMENT rowid: never reused),
                  `users` (one row per user: the history as a JSON list, so a read is one
-                 primary-key lookup whatever the user's event count).
+                 primary-key lookup whatever the user's event count) and `item_edits` (the
+                 item edits' log, its payload JSON text). A file at an older schema gains
+                 the new tables when opened.
     RedisStore   redis://host:port/db. For several replicas on several machines. The log is
                  the stream `events` (entry id `<seq>-0`), a user's history the list
-                 `user:<id>`, the counter `events:seq`, the seeded users the set `seeded`.
+                 `user:<id>`, the counter `events:seq`, the seeded users the set `seeded`;
+                 item edits the stream `items` (entry id `<seq>-0`), counted by `items:seq`.
                  One Lua script per append does INCR + XADD + RPUSH (+ LTRIM) for every
                  event: atomic like MULTI/EXEC, and it gives dense integer seq numbers that
                  no clock can reorder (auto stream ids are (milliseconds, counter) pairs: after
@@ -60,7 +67,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from recsys_lm.errors import RecsysLMError
 
-SCHEMA = 1  # sqlite `PRAGMA user_version` of the tables below
+# sqlite `PRAGMA user_version` of the tables below: 1 events + users, 2 + item_edits
+SCHEMA = 2
 SEED_CHUNK = 1000  # users per seeding transaction / script call
 
 
@@ -88,6 +96,21 @@ class Event:
     seq: int | None = None  # assigned by the store
 
 
+EDIT_OPS = ("add", "remove")
+
+
+@dataclass
+class ItemEdit:
+    """An item added through the service (`payload`: its text, or its fields for the run's
+    templates) or removed (`payload` None)."""
+
+    op: str  # "add" | "remove"
+    item: str
+    payload: str | dict[str, Any] | None
+    time: float  # seconds since the epoch
+    seq: int | None = None  # assigned by the store
+
+
 @runtime_checkable
 class EventStore(Protocol):
     def append(self, events: Sequence[Event]) -> list[int]:
@@ -105,6 +128,13 @@ class EventStore(Protocol):
 
     def last_seq(self) -> int:
         """The highest sequence number logged (0 for an empty log)."""
+
+    def edit_items(self, edits: Sequence[ItemEdit]) -> list[int]:
+        """Log item edits, durably, before returning their sequence numbers (in the given
+        order; the item edits' log numbers them apart from the events)."""
+
+    def item_edits_after(self, seq: int, limit: int = 1000) -> list[ItemEdit]:
+        """Up to `limit` logged item edits with a sequence number above `seq`, in order."""
 
     def close(self) -> None: ...
 
@@ -139,6 +169,10 @@ _CREATE = (
     # seeded: 1 once seed_users gave the user its export history
     """CREATE TABLE IF NOT EXISTS users (
         user TEXT PRIMARY KEY, history TEXT NOT NULL, seeded INTEGER NOT NULL DEFAULT 0)""",
+    # schema 2; payload: the JSON of an add's text or fields, NULL for a remove
+    """CREATE TABLE IF NOT EXISTS item_edits (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        op TEXT NOT NULL, item TEXT NOT NULL, payload TEXT, time REAL NOT NULL)""",
 )
 _UPSERT_HISTORY = (
     "INSERT INTO users (user, history) VALUES (?, ?) "
@@ -212,7 +246,7 @@ class SqliteStore:
                     f"event store {self.url}: schema {version} is newer than "
                     f"this version reads ({SCHEMA})"
                 )
-            for statement in _CREATE:
+            for statement in _CREATE:  # IF NOT EXISTS: an older file gains the new tables
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA}")
 
@@ -286,6 +320,32 @@ class SqliteStore:
         (seq,) = self._connection().execute("SELECT MAX(seq) FROM events").fetchone()
         return int(seq or 0)
 
+    def edit_items(self, edits: Sequence[ItemEdit]) -> list[int]:
+        edits = _checked_edits(edits)
+        if not edits:
+            return []
+        conn = self._connection()
+        with _transaction(conn, self.url):  # the COMMIT fsyncs, as for events
+            seqs = [
+                conn.execute(
+                    "INSERT INTO item_edits (op, item, payload, time) VALUES (?, ?, ?, ?)",
+                    (e.op, e.item, _payload_json(e.payload), e.time),
+                ).lastrowid
+                for e in edits
+            ]
+        return seqs
+
+    def item_edits_after(self, seq: int, limit: int = 1000) -> list[ItemEdit]:
+        rows = self._connection().execute(
+            "SELECT seq, op, item, payload, time FROM item_edits WHERE seq > ? "
+            "ORDER BY seq LIMIT ?",
+            (_count(seq, minimum=0), _count(limit)),
+        )
+        return [
+            ItemEdit(op, item, None if payload is None else json.loads(payload), time, seq)
+            for seq, op, item, payload, time in rows
+        ]
+
     # -- helpers -----------------------------------------------------------------------------
     @staticmethod
     def _read(conn: sqlite3.Connection, user: str) -> list[str] | None:
@@ -326,6 +386,22 @@ for i = 2, #ARGV, 4 do
   local key = 'user:' .. ARGV[i]
   redis.call('RPUSH', key, ARGV[i + 1])
   if cap > 0 then redis.call('LTRIM', key, -cap, -1) end
+  seqs[#seqs + 1] = seq
+end
+return seqs
+"""
+# ARGV: op, item, payload (JSON; '' for a remove: the entry then has no payload), time per
+# edit. Returns the seqs.
+_EDIT_ITEMS = """
+local seqs = {}
+for i = 1, #ARGV, 4 do
+  local seq = redis.call('INCR', 'items:seq')
+  local fields = {'op', ARGV[i], 'item', ARGV[i + 1], 'time', ARGV[i + 3]}
+  if ARGV[i + 2] ~= '' then
+    fields[#fields + 1] = 'payload'
+    fields[#fields + 1] = ARGV[i + 2]
+  end
+  redis.call('XADD', 'items', seq .. '-0', unpack(fields))
   seqs[#seqs + 1] = seq
 end
 return seqs
@@ -374,6 +450,7 @@ class RedisStore:
                 self._check_durability()
         self._append = self.client.register_script(_APPEND)
         self._seed = self.client.register_script(_SEED_SCRIPT)
+        self._edit_items = self.client.register_script(_EDIT_ITEMS)
 
     @contextmanager
     def _reach(self) -> Iterator[None]:
@@ -448,6 +525,22 @@ class RedisStore:
             newest = self.client.xrevrange("events", count=1)
         return _event(*newest[0]).seq if newest else 0
 
+    def edit_items(self, edits: Sequence[ItemEdit]) -> list[int]:
+        edits = _checked_edits(edits)
+        if not edits:
+            return []
+        args: list[Any] = []
+        for e in edits:
+            args += [e.op, e.item, _payload_json(e.payload) or "", repr(e.time)]
+        with self._reach():
+            return [int(s) for s in self._edit_items(args=args)]
+
+    def item_edits_after(self, seq: int, limit: int = 1000) -> list[ItemEdit]:
+        first = f"{_count(seq, minimum=0) + 1}-0"
+        with self._reach():
+            entries = self.client.xrange("items", min=first, count=_count(limit))
+        return [_item_edit(entry_id, fields) for entry_id, fields in entries]
+
     def close(self) -> None:
         self._closed = True
         self.client.close()
@@ -462,6 +555,12 @@ class RedisStore:
 def _event(entry_id: str, fields: dict[str, str]) -> Event:
     seq = int(entry_id.split("-", 1)[0])
     return Event(fields["user"], fields["item"], float(fields["time"]), fields["type"], seq)
+
+
+def _item_edit(entry_id: str, fields: dict[str, str]) -> ItemEdit:
+    seq = int(entry_id.split("-", 1)[0])
+    payload = json.loads(fields["payload"]) if "payload" in fields else None
+    return ItemEdit(fields["op"], fields["item"], payload, float(fields["time"]), seq)
 
 
 # -- checks --------------------------------------------------------------------------------------
@@ -484,6 +583,61 @@ def _checked(events: Sequence[Event]) -> list[Event]:
             raise InvalidInput(f"event {n}: `seq` is assigned by the store, got {e.seq!r}")
         out.append(Event(e.user, e.item, float(e.time), e.type))
     return out
+
+
+def _checked_edits(edits: Sequence[ItemEdit]) -> list[ItemEdit]:
+    out = []
+    for n, e in enumerate(edits):
+        if not isinstance(e, ItemEdit):
+            raise InvalidInput(f"item edit {n}: expected an ItemEdit, got {type(e).__name__}")
+        if e.op not in EDIT_OPS:
+            raise InvalidInput(f"item edit {n}: `op` must be 'add' or 'remove', got {e.op!r}")
+        if not isinstance(e.item, str) or not e.item:
+            raise InvalidInput(f"item edit {n}: `item` must be a non-empty string, got {e.item!r}")
+        if e.op == "add":
+            _check_payload(n, e.payload)
+        elif e.payload is not None:
+            raise InvalidInput(f"item edit {n}: a remove has no `payload`, got {e.payload!r}")
+        if isinstance(e.time, bool) or not isinstance(e.time, (int, float)):
+            raise InvalidInput(
+                f"item edit {n}: `time` must be a number (epoch seconds), got {e.time!r}"
+            )
+        if not math.isfinite(e.time):
+            raise InvalidInput(f"item edit {n}: `time` must be finite, got {e.time!r}")
+        if e.seq is not None:
+            raise InvalidInput(f"item edit {n}: `seq` is assigned by the store, got {e.seq!r}")
+        payload = dict(e.payload) if isinstance(e.payload, dict) else e.payload
+        out.append(ItemEdit(e.op, e.item, payload, float(e.time)))
+    return out
+
+
+def _check_payload(n: int, payload: Any) -> None:
+    """An add's payload: a non-empty text, or fields (names to texts or finite numbers:
+    what JSON carries and the item templates render)."""
+    if isinstance(payload, str):
+        if not payload.strip():
+            raise InvalidInput(f"item edit {n}: `payload` text must not be empty")
+        return
+    if not isinstance(payload, dict) or not payload:
+        raise InvalidInput(
+            f"item edit {n}: an add's `payload` must be its text (a string) or its fields "
+            f"(a non-empty dict), got {payload!r}"
+        )
+    for name, value in payload.items():
+        if not isinstance(name, str) or not name:
+            raise InvalidInput(
+                f"item edit {n}: `payload` field names must be non-empty strings, got {name!r}"
+            )
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (isinstance(value, str) or (number and math.isfinite(value))):
+            raise InvalidInput(
+                f"item edit {n}: `payload` field {name!r} must be a string or a finite "
+                f"number, got {value!r}"
+            )
+
+
+def _payload_json(payload: str | dict[str, Any] | None) -> str | None:
+    return None if payload is None else json.dumps(payload)
 
 
 def _checked_items(user: str, items: Sequence[str]) -> list[str]:

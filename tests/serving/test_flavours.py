@@ -216,3 +216,55 @@ def test_onnx_int8_graph_multiplies_in_int8_and_stays_close(graphs):
         expected, got = backbone(ids, mask, segments), quantised(ids, mask, segments)
     assert not torch.allclose(got, expected, atol=1e-6)
     assert cosine(got, expected).min() > 0.98
+
+
+@pytest.fixture(scope="module")
+def query_graph(tmp_path_factory):
+    """A sequential head's encoder (random weights, eval mode) and its ONNX graph."""
+    from recsys_lm.models.heads.sequential import SequentialHead
+
+    torch.manual_seed(0)
+    head = SequentialHead(hidden_size=32, dim=16, num_layers=2, num_heads=2, max_len=12).eval()
+    path = tmp_path_factory.mktemp("query") / fl.QUERY_GRAPH
+    network = head.query_network()
+    recipe = fl.export_query(network, network.dim, path)
+    return head, path, recipe
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("rows", "length"), [(1, 1), (1, 12), (3, 7)])
+def test_the_query_graph_gives_the_encoders_last_state(query_graph, rows, length):
+    head, path, recipe = query_graph
+    assert recipe["graph"] == fl.QUERY_GRAPH and recipe["output"] == "query [batch, 16]"
+    generator = torch.Generator().manual_seed(length)
+    vectors = torch.randn(rows, length, 16, generator=generator)
+    mask = torch.ones(rows, length, dtype=torch.bool)
+    mask[0, : length // 2] = False  # left padding in the first row
+    with torch.no_grad():
+        expected = head.encoder(vectors, mask)[:, -1]
+    got = fl.OnnxQuery(path, threads=1)(vectors, mask)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_head_given_the_graph_runs_its_user_side_through_it(query_graph):
+    head, path, _ = query_graph
+    table = torch.randn(20, 16)
+    histories = [[3, 4, 5], [7]]
+    calls = []
+    graph = fl.OnnxQuery(path, threads=1)
+
+    def counted(vectors, mask):
+        calls.append(vectors.shape)
+        return graph(vectors, mask)
+
+    with torch.no_grad():
+        expected = head.query_vectors(None, histories, table)
+        head.use_query_network(counted)
+        try:
+            got = head.query_vectors(None, histories, table)
+        finally:
+            head.use_query_network(None)
+    assert calls == [torch.Size([2, 3, 16])]  # the graph ran, once for the batch
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert "_query_network" not in dict(head.named_children())

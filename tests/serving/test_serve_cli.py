@@ -99,6 +99,7 @@ def test_the_api_key_is_read_from_the_environment_variable_the_config_names(
         (["export={export}", "limits.default_k=50", "limits.max_k=20"], ["limits", "max_k=20"]),
         (["export={export}", "+limits.max_kk=3"], ["max_kk"]),
         (["export={export}", "workers=0"], ["workers", "at least 1"]),
+        (["export={export}", "blas_threads=0"], ["blas_threads", ">= 1"]),
     ],
 )
 def test_a_config_mistake_exits_2_with_one_line_before_any_port_is_bound(
@@ -299,3 +300,22 @@ def test_sigkill_after_acknowledged_events_loses_none_of_them(exported, tmp_path
         assert "Application shutdown complete" in again.output()
     finally:
         again.stop()
+
+
+def test_blas_runs_on_the_configured_threads_and_null_leaves_it_alone():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads():
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    before = blas_threads()
+    if not before:
+        pytest.skip("numpy here links no BLAS that threadpoolctl can see")
+    with threadpool_limits(limits=None):  # restores the process's setting afterwards
+        threadpool_limits(limits=2, user_api="blas")
+        serve.limit_blas(None)
+        assert blas_threads() == {2}
+        serve.limit_blas(1)
+        assert blas_threads() == {1}
+    assert blas_threads() == before
+    assert serve_config([])["blas_threads"] == 1  # the service's default

@@ -7,6 +7,7 @@ import json
 import shutil
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -18,9 +19,11 @@ import pytest
 import redis
 
 from recsys_lm.serving.store import (
+    SCHEMA,
     Event,
     EventStore,
     InvalidInput,
+    ItemEdit,
     RedisStore,
     SqliteStore,
     StoreError,
@@ -44,6 +47,22 @@ while time.time() < stop:
         print("error", type(error).__name__, flush=True)
         break
     print(seq, user, item, flush=True)
+    n += 1
+"""
+
+# The same for item edits: logs one added item at a time, prints "seq add item" once acknowledged.
+EDIT_WRITER = """
+import sys, time
+from recsys_lm.serving.store import ItemEdit, open_store
+store, n, stop = open_store(sys.argv[1]), 0, time.time() + 60
+while time.time() < stop:
+    item = f"i{n}"
+    try:
+        (seq,) = store.edit_items([ItemEdit("add", item, f"text of {item}", time.time())])
+    except Exception as error:
+        print("error", type(error).__name__, flush=True)
+        break
+    print(seq, "add", item, flush=True)
     n += 1
 """
 
@@ -227,6 +246,57 @@ def test_invalid_events(store):
         store.append([Event("u", "i", 1.0)])
 
 
+def test_item_edits_round_trip_in_order_apart_from_the_events(url):
+    store = open_store(url)
+    assert store.item_edits_after(0) == []
+    store.append([Event("u", "i", 1.0)])  # the events' log numbers its own seqs
+    fields = {"title": "Tent", "weight": 1.5, "pieces": 3}
+    seqs = store.edit_items(
+        [ItemEdit("add", "tent", fields, 10.0), ItemEdit("add", "lamp", "Camp lamp, 200 lm", 11)]
+    )
+    seqs += store.edit_items([ItemEdit("remove", "tent", None, 12.5)])
+    assert store.edit_items([]) == []
+    assert seqs == sorted(seqs) and len(set(seqs)) == 3
+    store.close()
+    again = open_store(url)  # what a restarted service reads
+    logged = again.item_edits_after(0)
+    assert logged == [
+        ItemEdit("add", "tent", fields, 10.0, seqs[0]),
+        ItemEdit("add", "lamp", "Camp lamp, 200 lm", 11.0, seqs[1]),
+        ItemEdit("remove", "tent", None, 12.5, seqs[2]),
+    ]
+    assert [e.item for e in again.item_edits_after(seqs[0], limit=1)] == ["lamp"]
+    assert [e.op for e in again.item_edits_after(seqs[0])] == ["add", "remove"]
+    assert again.item_edits_after(seqs[-1]) == []
+    assert [e.item for e in again.events_after(0)] == ["i"]  # no edit in the events' log
+    again.close()
+
+
+def test_invalid_item_edits(store):
+    for edit, message in [
+        (("add", "x", "text", 1.0), "item edit 1: expected an ItemEdit, got tuple"),
+        (ItemEdit("update", "x", "t", 1.0), "`op` must be 'add' or 'remove', got 'update'"),
+        (ItemEdit("add", "", "t", 1.0), "`item` must be a non-empty string"),
+        (ItemEdit("add", "x", None, 1.0), "an add's `payload` must be its text"),
+        (ItemEdit("add", "x", "  ", 1.0), "`payload` text must not be empty"),
+        (ItemEdit("add", "x", {}, 1.0), "an add's `payload` must be its text"),
+        (ItemEdit("add", "x", {"title": None}, 1.0), "field 'title' must be a string or a"),
+        (ItemEdit("add", "x", {"n": float("inf")}, 1.0), "field 'n' must be a string or a finite"),
+        (ItemEdit("add", "x", {"": "t"}, 1.0), "field names must be non-empty strings"),
+        (ItemEdit("remove", "x", "t", 1.0), "a remove has no `payload`, got 't'"),
+        (ItemEdit("remove", "x", None, "now"), "`time` must be a number"),
+        (ItemEdit("remove", "x", None, float("nan")), "`time` must be finite"),
+        (ItemEdit("remove", "x", None, 1.0, seq=3), "`seq` is assigned by the store"),
+    ]:
+        with pytest.raises(InvalidInput, match=message):
+            store.edit_items([ItemEdit("add", "ok", "fine", 0.0), edit])
+    assert store.item_edits_after(0) == []  # a batch with a bad edit is refused whole
+    with pytest.raises(InvalidInput, match="integer >= 0, got -1"):
+        store.item_edits_after(-1)
+    with pytest.raises(InvalidInput, match="integer >= 1, got 0"):
+        store.item_edits_after(0, limit=0)
+
+
 def test_store_urls(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     relative = open_store("sqlite:///data/events.db?max_history=5")
@@ -277,6 +347,36 @@ def test_sqlite_uses_wal_and_full_sync(tmp_path):
     store.close()
 
 
+def test_sqlite_file_at_schema_1_gains_the_item_edits_table(tmp_path):
+    """A file written before item edits were logged opens, keeps its events and users, and
+    is upgraded in place; a file from a newer version is refused."""
+    path = tmp_path / "events.db"
+    with sqlite3.connect(path) as old:  # the schema-1 tables, as that version created them
+        old.execute(
+            "CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, user TEXT NOT NULL, "
+            "item TEXT NOT NULL, time REAL NOT NULL, type TEXT NOT NULL)"
+        )
+        old.execute(
+            "CREATE TABLE users (user TEXT PRIMARY KEY, history TEXT NOT NULL, "
+            "seeded INTEGER NOT NULL DEFAULT 0)"
+        )
+        old.execute("INSERT INTO events (user, item, time, type) VALUES ('u', 'a', 1, 'click')")
+        old.execute("INSERT INTO users (user, history) VALUES ('u', '[\"a\"]')")
+        old.execute("PRAGMA user_version = 1")
+    old.close()
+    store = SqliteStore(path)
+    assert store.history("u") == ["a"] and [e.item for e in store.events_after(0)] == ["a"]
+    (seq,) = store.edit_items([ItemEdit("add", "new", "New item", 2.0)])
+    assert store.item_edits_after(0) == [ItemEdit("add", "new", "New item", 2.0, seq)]
+    assert store._connection().execute("PRAGMA user_version").fetchone()[0] == SCHEMA == 2
+    store.close()
+    with sqlite3.connect(path) as newer:
+        newer.execute(f"PRAGMA user_version = {SCHEMA + 1}")
+    newer.close()
+    with pytest.raises(StoreError, match=f"schema {SCHEMA + 1} is newer than this version"):
+        SqliteStore(path)
+
+
 def test_sqlite_concurrent_writers_processes_and_threads(tmp_path):
     url = f"sqlite:///{tmp_path}/events.db"
     open_store(url).close()  # create the tables once: the writers then race on appends only
@@ -320,6 +420,17 @@ def test_sqlite_sigkill_loses_no_acknowledged_event(tmp_path):
     check_nothing_lost(open_store(url), acknowledged)
 
 
+def test_sqlite_sigkill_loses_no_acknowledged_item_edit(tmp_path):
+    url = f"sqlite:///{tmp_path}/events.db"
+    open_store(url).close()
+    acknowledged = run_writer_until(url, 40, lambda writer: writer.kill(), EDIT_WRITER)
+    store = open_store(url)
+    logged = {e.seq: (e.op, e.item, e.payload) for e in store.item_edits_after(0, limit=10_000)}
+    for seq, op, item in acknowledged:
+        assert logged.get(seq) == (op, item, f"text of {item}"), f"acknowledged edit {seq} lost"
+    store.close()
+
+
 # -- Redis -----------------------------------------------------------------------------------------
 def test_redis_sigkill_of_the_server_loses_no_acknowledged_event(tmp_path):
     server = RedisServer(tmp_path).start()
@@ -350,11 +461,14 @@ def test_redis_refuses_a_server_that_does_not_fsync(redis_server):
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def run_writer_until(url: str, count: int, kill) -> list[tuple[int, str, str]]:
-    """Run WRITER against `url`; after `count` acknowledged events call `kill(writer)` (the
-    writer, or the server it writes to, dies mid-stream); return what was acknowledged."""
+def run_writer_until(
+    url: str, count: int, kill, script: str = WRITER
+) -> list[tuple[int, str, str]]:
+    """Run a writer `script` against `url`; after `count` acknowledged writes call
+    `kill(writer)` (the writer, or the server it writes to, dies mid-stream); return what
+    was acknowledged."""
     writer = subprocess.Popen(
-        [sys.executable, "-c", WRITER, url], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", script, url], cwd=ROOT, stdout=subprocess.PIPE, text=True
     )
     acknowledged = []
     try:

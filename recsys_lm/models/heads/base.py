@@ -26,6 +26,12 @@ give serving's item index its vectors, so new items join from their text alone:
     item_vectors(backbone, items)             one vector per item (new ones: from text)
     query_vectors(backbone, histories, table) one query per user; score = query . item vector
 
+A head with a user-side network of its own over item vectors (the sequential head's causal
+encoder) hands it out for the ONNX flavours to compile, and runs the compiled one once given:
+
+    query_network()                  (vectors [B, T, d], mask [B, T]) -> queries [B, d], or None
+    use_query_network(network)       run the user side (serving and evaluation) with `network`
+
 State is persisted one way: the module's `state_dict` (parameters, persistent buffers and, for
 values that are not tensors, `get_extra_state`). Tensors whose size comes from the data (one
 row per item, one output per class) are named in `data_sized`: `attach` sizes them, and
@@ -153,6 +159,21 @@ class Head(nn.Module):
         [n, d] holds `item_vectors` of every served item, added items included. A user's
         score for item i is `query . table[i]`, the same as `score` gives."""
         raise NotImplementedError(f"{type(self).__name__} does not rank by item vectors")
+
+    # -- serving: a compiled user-side network --------------------------------------------
+    def query_network(self) -> nn.Module | None:
+        """The head's own user-side network, `(vectors [B, T, d] float, mask [B, T] bool,
+        True at real items, left-padded) -> queries [B, d]`, with d as its `dim`, for the
+        ONNX flavours to
+        compile; None (the default) where the user side is the backbone alone, which the
+        flavours compile anyway."""
+        return None
+
+    def use_query_network(self, network: Any) -> None:
+        """Run the user side (query_vectors and evaluation) through `network`, a callable
+        with `query_network`'s signature (an onnxruntime graph of it); None = the head's own
+        modules. Only heads that give a `query_network` take one."""
+        raise NotImplementedError(f"{type(self).__name__} has no query network of its own")
 
     def require_catalogue(self) -> Catalogue:
         if self.catalogue is None:

@@ -70,6 +70,18 @@ class CausalEncoder(nn.Module):
         return self.norm(self.blocks(x, mask=blocked))
 
 
+class LastState(nn.Module):
+    """The encoder's state at the last (most recent) position: the user's next-item query."""
+
+    def __init__(self, encoder: CausalEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.dim = encoder.dim  # the item vectors' width (Head.query_network)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x, mask)[:, -1]
+
+
 class SequentialHead(Head):
     task = "sequential"
     data_sized = ("ids.weight", "text_table")
@@ -114,6 +126,9 @@ class SequentialHead(Head):
         # served model needs no backbone pass per request.
         self.register_buffer("text_table", torch.zeros(0, hidden_size if text else 0))
         self._eval_table: torch.Tensor | None = None
+        # A compiled user side (use_query_network), set past nn.Module.__setattr__: an
+        # onnxruntime graph is not a submodule and holds nothing to train or save.
+        object.__setattr__(self, "_query_network", None)
 
     # -- catalogue ------------------------------------------------------------------------
     @property
@@ -219,8 +234,21 @@ class SequentialHead(Head):
         against the vectors `on_eval_start` computed."""
         if self._eval_table is None:
             raise RuntimeError("on_eval_start() must run before scoring users")
-        state = self.encoder(self._eval_table[batch.items], batch.mask)[:, -1]
+        state = self.last_state(self._eval_table[batch.items], batch.mask)
         return state @ self._eval_table.T
+
+    def last_state(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Queries [B, d] of item-vector sequences: through the compiled network when one is
+        in use, else the encoder (what training runs)."""
+        if self._query_network is not None:
+            return self._query_network(x, mask)
+        return self.encoder(x, mask)[:, -1]
+
+    def query_network(self) -> nn.Module:
+        return LastState(self.encoder).eval()
+
+    def use_query_network(self, network) -> None:
+        object.__setattr__(self, "_query_network", network)
 
     def evaluate(self, backbone, batch: SequenceBatch, metrics: RankingMetrics) -> None:
         metrics.update(self.score_catalogue(backbone, batch), batch.relevant, batch.exclude)
@@ -263,7 +291,7 @@ class SequentialHead(Head):
             np.arange(width) >= width - np.array([len(h) for h in recent])[:, None]
         )
         items = torch.from_numpy(items).to(table.device)
-        return self.encoder(table[items], mask.to(table.device))[:, -1]
+        return self.last_state(table[items], mask.to(table.device))
 
     def _user_scores(self, history: Sequence[int]) -> torch.Tensor:
         if self._eval_table is None:  # a freshly loaded model: the saved table is enough
