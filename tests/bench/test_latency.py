@@ -321,7 +321,7 @@ def exports(tmp_path_factory) -> dict[str, Path]:
     from tests.conftest import make_config
 
     heads = {
-        "sequential": (["head=sequential", "peft=none", "freeze=head_only"], []),
+        "sequential": (["head=sequential", "peft=none", "freeze=head_only"], ["onnx"]),
         "click": (["head=click", "peft=none"], ["onnx-int8"]),
     }
     out = {}
@@ -398,4 +398,4 @@ def test_one_run_measures_every_target_over_http_with_no_errors(exports, tmp_pat
     assert threads["torch_intra_op"] == threads["threads"] == len(threads["cpus"])
     assert "hey -n 2000 -c 16" in report["crosscheck"]["hey_command"]
     markdown = (tmp_path / "bench" / "latency.md").read_text()
-    assert "| sequential | eager | /recommend | on | c1 (c=1) | 10 / 10 | 0 |" in markdown
+    assert "| sequential | onnx | /recommend | on | c1 (c=1) | 10 / 10 | 0 |" in markdown

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from recsys_lm.build import build_datamodule, build_module
 from tests.conftest import make_config
 
 
-def retrieval_module(tmp_path):
-    cfg = make_config(tmp_path, ["head=retrieval"])
+@pytest.fixture(scope="module")
+def retrieval(tmp_path_factory):
+    cfg = make_config(tmp_path_factory.mktemp("module"), ["head=retrieval"])
     module = build_module(cfg)
     datamodule = build_datamodule(cfg, module)
     datamodule.setup()
@@ -29,8 +31,8 @@ def perturbed(backbone):
     return other.eval()
 
 
-def test_items_are_embedded_by_the_item_backbone_and_users_by_the_backbone(tmp_path):
-    module, data = retrieval_module(tmp_path)
+def test_items_are_embedded_by_the_item_backbone_and_users_by_the_backbone(retrieval):
+    module, data = retrieval
     history = data.history(0)[:3]
     module.recommend(history, k=1)
     own_items = module.head._item_vectors.clone()
@@ -55,11 +57,12 @@ def test_items_are_embedded_by_the_item_backbone_and_users_by_the_backbone(tmp_p
     torch.testing.assert_close(module.head._item_vectors, own_items)
 
 
-def test_the_item_backbone_is_neither_a_submodule_nor_saved(tmp_path):
-    module, _ = retrieval_module(tmp_path)
+def test_the_item_backbone_is_neither_a_submodule_nor_saved(retrieval):
+    module, _ = retrieval
     before = set(module.state_dict())
     count = sum(1 for _ in module.parameters())
     module.use_item_backbone(perturbed(module.backbone))
     assert set(module.state_dict()) == before
     assert sum(1 for _ in module.parameters()) == count
     assert "_item_backbone" not in dict(module.named_children())
+    module.use_item_backbone(None)  # the fixture is shared
