@@ -114,10 +114,9 @@ class MicroBatcher(Generic[T, R]):
 
     async def _work(self) -> None:
         while True:
-            first = await self._queue.get()
-            self._gathering = [first]
+            self._gathering = [await self._queue.get()]  # close() refuses it from here
             async with self._model:  # a lone request running now: the queue fills meanwhile
-                batch = await self._gather(first)
+                batch = await self._gather()
                 self._gathering = []
                 running = asyncio.ensure_future(self._run(batch))
                 try:
@@ -126,11 +125,11 @@ class MicroBatcher(Generic[T, R]):
                     await running
                     raise
 
-    async def _gather(self, first: _Pending[T]) -> list[_Pending[T]]:
-        """The first queued request, then whatever arrives within `max_wait` (at most
-        `max_batch` in all); requests whose caller went away are dropped."""
+    async def _gather(self) -> list[_Pending[T]]:
+        """The request taken first (`_gathering`), then whatever arrives within `max_wait` (at
+        most `max_batch` in all); requests whose caller went away are dropped."""
         loop = asyncio.get_running_loop()
-        batch = self._gathering = [first]
+        batch = self._gathering
         deadline = loop.time() + (self.max_wait if self._last_size > 1 else 0.0)
         while len(batch) < self.max_batch:
             if not self._queue.empty():

@@ -320,22 +320,7 @@ def export_onnx(backbone: Backbone, path: Path, opset: int | None = None) -> dic
     names = input_names(backbone)
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
     shapes = tuple({0: batch, 1: length} for _ in names)
-    with warnings.catch_warnings(), torch.no_grad():
-        # The exporter warns that both axes keep one name each (all inputs share them).
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        program = torch.onnx.export(
-            backbone,
-            _example(backbone, names),
-            dynamo=True,
-            input_names=names,
-            output_names=[OUTPUT],
-            dynamic_shapes=shapes,
-            opset_version=opset,
-            verbose=False,
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    program.save(str(path), external_data=False)
+    _export(backbone, _example(backbone, names), names, OUTPUT, shapes, opset, path)
     return {
         "from": MERGED,
         "graph": GRAPH,
@@ -348,6 +333,35 @@ def export_onnx(backbone: Backbone, path: Path, opset: int | None = None) -> dic
     }
 
 
+def _export(
+    module: nn.Module,
+    example: tuple[torch.Tensor, ...],
+    inputs: list[str],
+    output: str,
+    shapes: tuple[dict, ...],
+    opset: int | None,
+    path: Path,
+) -> None:
+    """torch.onnx.export (dynamo) of `module` at `example`, the axes in `shapes` dynamic, to
+    one self-contained file at `path`."""
+    with warnings.catch_warnings(), torch.no_grad():
+        # The exporter warns that both axes keep one name each (all inputs share them).
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        program = torch.onnx.export(
+            module,
+            example,
+            dynamo=True,
+            input_names=inputs,
+            output_names=[output],
+            dynamic_shapes=shapes,
+            opset_version=opset,
+            verbose=False,
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path), external_data=False)
+
+
 def export_query(network: nn.Module, dim: int, path: Path, opset: int | None = None) -> dict:
     """A head's user-side network (`Head.query_network`) -> an ONNX graph (vectors [B, T, d],
     mask [B, T] bool -> query [B, d]), batch and length dynamic. Returns the recipe."""
@@ -356,20 +370,8 @@ def export_query(network: nn.Module, dim: int, path: Path, opset: int | None = N
     mask = torch.ones(2, 5, dtype=torch.bool)
     mask[1, :2] = False
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        program = torch.onnx.export(
-            network.eval(),
-            (vectors, mask),
-            dynamo=True,
-            input_names=list(QUERY_INPUTS),
-            output_names=[QUERY_OUTPUT],
-            dynamic_shapes=({0: batch, 1: length}, {0: batch, 1: length}),
-            opset_version=opset,
-            verbose=False,
-        )
-    program.save(str(path), external_data=False)
+    shapes = ({0: batch, 1: length}, {0: batch, 1: length})
+    _export(network.eval(), (vectors, mask), list(QUERY_INPUTS), QUERY_OUTPUT, shapes, opset, path)
     return {
         "graph": QUERY_GRAPH,
         "network": type(network).__name__,
@@ -431,6 +433,16 @@ def cpu_threads() -> int:
         return os.cpu_count() or 1
 
 
+def cpu_session(path: str, threads: int | None):
+    """An onnxruntime session on the CPU provider with `threads` intra-op threads (default:
+    every core this process may use)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or cpu_threads()
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
 class OnnxBackbone(nn.Module):
     """An onnxruntime session with the Backbone's call signature and the attributes heads read
     (tokenizer, max_length, hidden_size, pooling, device, is_decoder, causal_lm,
@@ -448,12 +460,8 @@ class OnnxBackbone(nn.Module):
 
     def __init__(self, path: str | Path, like: Backbone, threads: int | None = None) -> None:
         super().__init__()
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or cpu_threads()
         self.path = str(path)
-        self.session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(self.path, threads)
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.tokenizer = like.tokenizer
         self.max_length = like.max_length
@@ -496,12 +504,8 @@ class OnnxQuery:
     eager torch (the SASRec encoder, 2 blocks, 64-d, 50 items, one thread)."""
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or cpu_threads()
         self.path = str(path)
-        self.session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(self.path, threads)
 
     def __call__(self, vectors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         feeds = {
