@@ -80,6 +80,7 @@ class ServiceSettings:
     max_body_bytes: int = 1_000_000
     max_batch: int = 32  # requests per model call; 1 = no micro-batching
     max_wait_ms: float = 2.0  # longest a request waits for others to join its batch
+    inline_ms: float = 3.0  # lone model calls this fast run on the event loop (batching.py)
     seed_users: bool = True  # copy the export's users into the store at load (idempotent)
     reload_on_sighup: bool = False  # SIGHUP reloads the model (the entry point turns it on)
     item_sync_s: float = 1.0  # how often to apply item edits other workers logged; 0: never
@@ -87,6 +88,8 @@ class ServiceSettings:
     def __post_init__(self) -> None:
         if not 1 <= self.default_k <= self.max_k:
             raise ValueError(f"default_k={self.default_k} must lie in 1..max_k={self.max_k}")
+        if not self.inline_ms >= 0:
+            raise ValueError(f"inline_ms={self.inline_ms} must be >= 0 (0: always a thread)")
         if not self.item_sync_s >= 0:
             raise ValueError(f"item_sync_s={self.item_sync_s} must be >= 0 (0: no polling)")
 
@@ -271,8 +274,11 @@ class Answered:
 def readable(model: Model, ids: Sequence[str]) -> list[str]:
     """The ids a model cannot read (in a history or an event): never known to it. Removed
     items stay readable."""
-    parts = [model.retriever, model.ranker] if isinstance(model, Pipeline) else [model]
-    return [i for i in ids if any(i not in part.index_of for part in parts)]
+    if not isinstance(model, Pipeline):  # the common case, per request: one lookup an id
+        known = model.index_of
+        return [i for i in ids if i not in known]
+    first, second = model.retriever.index_of, model.ranker.index_of
+    return [i for i in ids if i not in first or i not in second]
 
 
 def servable(model: Model, ids: Sequence[str]) -> list[str]:
@@ -373,12 +379,22 @@ class Service:
         self._reloads: set[asyncio.Task] = set()  # SIGHUP reloads in flight (kept referenced)
         batch, wait = settings.max_batch, settings.max_wait_ms
         sizes = self.telemetry.batch_size
+        inline = settings.inline_ms
         self.recommender = MicroBatcher(
-            self._recommend_batch, batch, wait, sizes.labels(route="/recommend").observe
+            self._recommend_batch,
+            batch,
+            wait,
+            sizes.labels(route="/recommend").observe,
+            inline_ms=inline,
         )
         self.scorer = MicroBatcher(
-            self._score_batch, batch, wait, sizes.labels(route="/score").observe
+            self._score_batch,
+            batch,
+            wait,
+            sizes.labels(route="/score").observe,
+            inline_ms=inline,
         )
+        # appends stay in the store thread: their COMMIT waits for an fsync
         self.event_log = MicroBatcher(
             self._append_batch,
             batch,
@@ -537,7 +553,9 @@ class Service:
             if unknown:
                 raise unprocessable("history", "unknown item id(s)", "unknown_item", unknown)
             return history, history
-        stored = await self.in_store(self.store.history, user, self.settings.max_seen)
+        read = (self.store.history, user, self.settings.max_seen)
+        # a read that never waits runs here: a thread hop costs more than it (store.py)
+        stored = read[0](*read[1:]) if self.store.inline_reads else await self.in_store(*read)
         if stored is None:
             raise HTTPException(
                 404, f"unknown user {user!r}: no stored state; send `history` (item ids)"

@@ -12,8 +12,17 @@ batching (the queue and the worker task cost a few event-loop turns: sequential 
 concurrency 1, p99 5.7 against 3.3 ms); whatever arrives meanwhile queues and forms the next
 batch.
 
-`max_batch=1` turns batching off: each request runs alone in a thread as soon as it comes,
-the baseline the latency benchmark compares against.
+A request run alone runs on the event loop itself, not in a thread, when the last lone runs
+took at most `inline_ms` (their median): handing a call to a thread and back costs about 0.7 ms on two
+shared virtual cores (the waking core's scheduling), more than half of a sequential head's
+whole call. In-process, that head's /recommend at concurrency 1 went from p50 3.06 / p99
+6.95 ms to 2.32 / 4.36 ms. The loop is blocked for that long, as the model would be busy
+anyway; a model above `inline_ms` (a MiniLM user side, a cross-encoder) keeps the thread, so
+the loop goes on accepting requests and batches form behind it. A fast model run inline
+takes requests one at a time under load too: each finds the model idle when its turn comes.
+
+`max_batch=1` turns batching off: each request runs alone as soon as it comes (in a thread,
+or inline as above), the baseline the latency benchmark compares against.
 
 One request's failure must not fail its neighbours: when a batched call raises, each of its
 requests is run again alone, and only those that fail alone get the error.
@@ -24,6 +33,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import statistics
+import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -32,6 +44,7 @@ from typing import Any, Generic, TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 log = logging.getLogger(__name__)
+LONE_RUNS = 15  # lone runs whose median time decides inline or thread (a slow one is outvoted)
 
 
 class BatcherClosed(RuntimeError):
@@ -49,7 +62,8 @@ class MicroBatcher(Generic[T, R]):
 
     `run` is blocking (a model call); it runs in `executor` (the loop's default when None).
     `observe(n)` is told each batch's size (a metric). The worker task starts with the first
-    request, on the loop that sent it.
+    request, on the loop that sent it. `inline_ms`: lone requests run on the loop while the
+    recent lone runs (their median) took at most this; 0 = never.
     """
 
     def __init__(
@@ -59,13 +73,18 @@ class MicroBatcher(Generic[T, R]):
         max_wait_ms: float = 2.0,
         observe: Callable[[int], None] | None = None,
         executor: Executor | None = None,
+        inline_ms: float = 0.0,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        if not inline_ms >= 0:
+            raise ValueError(f"inline_ms must be >= 0, got {inline_ms}")
         self.run, self.max_batch, self.max_wait = run, int(max_batch), max_wait_ms / 1000.0
         self.observe, self.executor = observe, executor
+        self.inline = inline_ms / 1000.0
+        self._lone: deque[float] = deque(maxlen=LONE_RUNS)  # recent lone runs' seconds
         self._queue: asyncio.Queue[_Pending[T]] | None = None
         self._worker: asyncio.Task | None = None
         self._gathering: list[_Pending[T]] = []  # taken from the queue, not yet running
@@ -79,14 +98,12 @@ class MicroBatcher(Generic[T, R]):
             raise BatcherClosed("the service is shutting down")
         loop = asyncio.get_running_loop()
         if self.max_batch == 1:
-            self._observe(1)
-            return (await loop.run_in_executor(self.executor, self.run, [request]))[0]
+            return await self._alone(loop, request)
         self._ensure_worker(loop)
         if self._queue.empty() and not self._model.locked():
             async with self._model:  # idle: run now (no await between the check and this)
-                self._observe(1)
                 self._last_size = 1
-                return (await loop.run_in_executor(self.executor, self.run, [request]))[0]
+                return await self._alone(loop, request)
         pending = _Pending(request, loop.create_future())
         self._queue.put_nowait(pending)
         return await pending.future
@@ -104,6 +121,25 @@ class MicroBatcher(Generic[T, R]):
             left.append(self._queue.get_nowait())
         for pending in left:
             _settle(pending.future, error=BatcherClosed("the service is shutting down"))
+
+    @property
+    def runs_inline(self) -> bool:
+        """Whether the next lone request runs on the event loop (see the module doc)."""
+        return bool(self._lone) and statistics.median(self._lone) <= self.inline
+
+    async def _alone(self, loop: asyncio.AbstractEventLoop, request: T) -> R:
+        self._observe(1)
+        if self.runs_inline:
+            return self._timed([request])[0]
+        return (await loop.run_in_executor(self.executor, self._timed, [request]))[0]
+
+    def _timed(self, requests: list[T]) -> list[R]:
+        """`run` for one request, its time noted (the call itself, not the hop to a thread:
+        the median of the last LONE_RUNS decides where the next one runs)."""
+        start = time.perf_counter()
+        results = self.run(requests)
+        self._lone.append(time.perf_counter() - start)  # deque.append: thread-safe
+        return results
 
     # -- worker -----------------------------------------------------------------------------
     def _ensure_worker(self, loop: asyncio.AbstractEventLoop) -> None:

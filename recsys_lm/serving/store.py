@@ -113,6 +113,10 @@ class ItemEdit:
 
 @runtime_checkable
 class EventStore(Protocol):
+    # True when history() never waits on a writer or the network, so the service reads it
+    # on its event loop instead of handing it to the store thread (a hop of ~0.7 ms)
+    inline_reads: bool
+
     def append(self, events: Sequence[Event]) -> list[int]:
         """Log the events and fold them into their users' histories, durably, before
         returning their sequence numbers (in the given order)."""
@@ -187,6 +191,10 @@ _SEED = (
 
 class SqliteStore:
     """The embedded store: one SQLite file in WAL mode, shared by threads and processes."""
+
+    # WAL: a reader sees the last commit without waiting for a writer (each thread has its
+    # own connection); a user's row is a page-cache read of tens of microseconds
+    inline_reads = True
 
     def __init__(
         self, path: str | Path, max_history: int | None = None, timeout: float = 10.0
@@ -430,6 +438,8 @@ return 0
 
 class RedisStore:
     """The shared store: a Redis stream (the log) and one list per user (see module doc)."""
+
+    inline_reads = False  # a network round trip: the store thread waits for it
 
     def __init__(
         self, url: str, max_history: int | None = None, check_durability: bool = True

@@ -273,6 +273,7 @@ def test_without_exports_every_target_is_skipped_with_its_reason(tmp_path):
         (["ratios.0.a=nope"], "ratios[0].a"),
         (["goals.0.stat=p42"], "goals[0].stat"),
         (["cpus=[4096]"], "cpus"),
+        (["client_cpus=[4096]"], "client_cpus"),
     ],
 )
 def test_config_mistakes_name_their_key_before_any_server_starts(tmp_path, overrides, key):
@@ -280,6 +281,13 @@ def test_config_mistakes_name_their_key_before_any_server_starts(tmp_path, overr
     with pytest.raises(ConfigError) as err:
         bench.plan(bench_config(tmp_path, overrides))
     assert key in err.value.key
+
+
+def test_the_note_says_whether_the_load_generator_shares_the_servers_cores():
+    assert "share cpus [0, 1]" in bench.cores_note([0, 1], None)
+    assert "share cpus [0, 1]" in bench.cores_note([1], [0, 1])
+    apart = bench.cores_note([1], [0])
+    assert "servers run on cpus [1]" in apart and "on cpus [0]" in apart and "share" not in apart
 
 
 def test_a_flavour_the_export_lacks_skips_its_target(tmp_path, export_tables):

@@ -22,7 +22,7 @@ import uvicorn
 
 from recsys_lm.errors import ConfigError
 from recsys_lm.serving.app import ServiceSettings, create_app
-from recsys_lm.serving.batching import BatcherClosed, MicroBatcher
+from recsys_lm.serving.batching import LONE_RUNS, BatcherClosed, MicroBatcher
 from recsys_lm.serving.model import Pipeline, ServedModel, catalogue_frame, user_histories
 from recsys_lm.serving.store import StoreUnavailable, open_store
 from tests.serving.service import (
@@ -680,6 +680,58 @@ async def test_a_full_batch_runs_without_waiting_and_answers_in_order():
     assert await first == [0, 2, 4, 6] and second == [20, 22, 24]
     assert sizes == [1, 3, 3]
     await batcher.close()
+
+
+async def test_fast_lone_runs_move_onto_the_event_loop_and_slow_ones_back_to_a_thread():
+    """inline_ms: once the median of the last lone runs is under it, a lone request runs on
+    the loop's own thread (no hop); when runs slow down past it, they go back to a thread."""
+    loop_thread, delay, on_loop = threading.get_ident(), [0.0], []
+
+    def run(jobs: list[int]) -> list[int]:
+        on_loop.append(threading.get_ident() == loop_thread)
+        time.sleep(delay[0])
+        return jobs
+
+    batcher = MicroBatcher(run, 8, 0.0, inline_ms=30.0)
+    assert [await batcher.submit(n) for n in range(3)] == [0, 1, 2]
+    assert on_loop == [False, True, True]  # the first has no timing yet: a thread
+    delay[0] = 0.06  # slower than inline_ms: outvoted by the 3 fast ones, then the median
+    for n in range(LONE_RUNS):
+        assert await batcher.submit(n) == n
+    assert on_loop[3:7] == [True, True, True, False]  # 3 slow of 6: median (f + s) / 2 > 30 ms
+    assert on_loop[-1] is False and not batcher.runs_inline
+    never = MicroBatcher(run, 1, 0.0)  # inline_ms=0 (the default), batching off
+    delay[0], on_loop[:] = 0.0, []
+    for n in range(4):
+        await never.submit(n)
+    assert on_loop == [False] * 4
+    with pytest.raises(ValueError, match="inline_ms"):
+        MicroBatcher(run, 8, 0.0, inline_ms=-1.0)
+    await batcher.close()
+
+
+async def test_a_stored_history_is_read_on_the_event_loop_only_where_the_store_allows(
+    built, tmp_path
+):
+    """SQLite reads never wait on its writer (test_store.py): the service reads a user's
+    history on its loop, saving a hop to the store thread; a store without inline_reads
+    (Redis: a network call) is read in the store thread."""
+    model = served(built, "retrieval")
+    user = users_of(built)[0]
+    async with serving(lambda: model, tmp_path) as (client, app):
+        store, readers = app.state.service.store, []
+        history = store.history
+
+        def spied(*args):
+            readers.append(threading.get_ident())
+            return history(*args)
+
+        store.history = spied
+        loop_thread = threading.get_ident()
+        assert (await client.post("/recommend", json={"user": user})).status_code == 200
+        store.inline_reads = False
+        assert (await client.post("/recommend", json={"user": user})).status_code == 200
+        assert readers[0] == loop_thread and readers[1] != loop_thread
 
 
 async def test_closing_the_batcher_finishes_the_running_batch_and_refuses_the_queued():

@@ -339,6 +339,35 @@ def test_sqlite_history_read_is_sub_millisecond(tmp_path):
     store.close()
 
 
+def test_a_sqlite_read_does_not_wait_for_a_writer(tmp_path):
+    """inline_reads: the service reads histories on its event loop, so a write in progress
+    (another thread's open transaction, an fsync to come) must not hold a read: it sees the
+    last commit at once (the busy timeout would be 10 s)."""
+    store = SqliteStore(tmp_path / "events.db")
+    assert store.inline_reads and not RedisStore.inline_reads
+    store.seed_users({"u": ["a"]})
+    holding, release = threading.Event(), threading.Event()
+
+    def writer():
+        conn = store._connection()  # this thread's own connection
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("UPDATE users SET history = ? WHERE user = ?", ('["a", "b"]', "u"))
+        holding.set()
+        release.wait(10)
+        conn.execute("COMMIT")
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert holding.wait(10)
+    started = time.perf_counter()
+    assert store.history("u") == ["a"]  # the last commit, not the open write
+    assert time.perf_counter() - started < 1.0
+    release.set()
+    thread.join()
+    assert store.history("u") == ["a", "b"]
+    store.close()
+
+
 def test_sqlite_uses_wal_and_full_sync(tmp_path):
     store = SqliteStore(tmp_path / "events.db")
     conn = store._connection()
