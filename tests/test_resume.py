@@ -54,10 +54,10 @@ def train_cli(*args: str, cache: Path, cwd: Path = ROOT) -> subprocess.Completed
     )
 
 
-def killer(step: int, signal_name: str, marker: Path) -> list[str]:
+def killer(steps: list[int], signal_name: str, marker: Path) -> list[str]:
     return [
         "+callbacks.killer._target_=tests.killer.KillAt",
-        f"+callbacks.killer.step={step}",
+        f"+callbacks.killer.step=[{','.join(str(s) for s in steps)}]",
         f"+callbacks.killer.signal_name={signal_name}",
         f"+callbacks.killer.marker={marker}",
     ]
@@ -111,57 +111,80 @@ def uninterrupted(tmp_path_factory, cache):
     return run
 
 
+def resumes_from(run_dir: Path) -> tuple[str, int]:
+    """The checkpoint a resume would start from: (file name, its step); no temp file left."""
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+    newest = newest_checkpoint(run_dir / "checkpoints")
+    return newest.name, checkpoint_step(newest)
+
+
+def assert_one_run_folder(run_dir: Path) -> None:
+    """The same folder throughout: one CSV log continued, no second Hydra record."""
+    assert sorted(p.name for p in (run_dir / "csv").iterdir()) == ["version_0"]
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == [".hydra"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("signal_name", "step", "resumes_from", "resumes_at", "extra"),
-    [
-        # after the first periodic checkpoint, before any validation
-        ("SIGKILL", 7, "step-5.ckpt", 5, ()),
-        # after validation at 20 (best-20; last.ckpt is written after it, step-20 before it)
-        ("SIGKILL", 23, "last.ckpt", 20, ()),
-        # the length-grouped sampler, killed between a validation and the next checkpoint
-        ("SIGKILL", 12, "last.ckpt", 10, ("data.length_grouping=true",)),
-        # graceful: last.ckpt saved at the step boundary after the signal
-        ("SIGTERM", 13, "last.ckpt", 14, ()),
-    ],
-)
-def test_killed_run_resumes_to_the_uninterrupted_result(
-    tmp_path, cache, uninterrupted, signal_name, step, resumes_from, resumes_at, extra
+def test_a_run_killed_twice_resumes_each_time_to_the_uninterrupted_result(
+    tmp_path, cache, uninterrupted
 ):
-    run_dir = tmp_path / "run"
-    marker = tmp_path / "killed"
+    """SIGKILL after the first periodic checkpoint and before any validation (step 7: resumes
+    from step-5), then, in the resumed process, after the validation at 20 (step 23: resumes
+    from last.ckpt); the second resume ends exactly where the run left alone does."""
+    run_dir, marker = tmp_path / "run", tmp_path / "killed"
+    first = train_cli(
+        *RUN,
+        "logger=csv",
+        *killer([7, 23], "SIGKILL", marker),
+        f"hydra.run.dir={run_dir}",
+        cache=cache,
+    )
+    assert first.returncode == -9 and marker.read_text() == "7"
+    assert not (run_dir / "metrics.json").exists()
+    assert resumes_from(run_dir) == ("step-5.ckpt", 5)
+
+    second = train_cli(f"resume={run_dir}", cache=cache)
+    assert second.returncode == -9 and marker.read_text() == "7 23", second.stderr[-3000:]
+    assert f"resuming {run_dir} from step-5.ckpt" in second.stdout + second.stderr
+    assert resumes_from(run_dir) == ("last.ckpt", 20)
+
+    third = train_cli(f"resume={run_dir}", cache=cache)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert f"resuming {run_dir} from last.ckpt" in third.stdout + third.stderr
+    assert outcome(run_dir) == uninterrupted(())  # exact: floats compared with ==
+    assert_one_run_folder(run_dir)
+
+    again = train_cli(f"resume={run_dir}", cache=cache)
+    assert again.returncode == 0 and "nothing to resume" in again.stderr
+
+
+@pytest.mark.slow
+def test_a_graceful_stop_with_the_length_grouped_sampler_resumes_to_the_same_result(
+    tmp_path, cache, uninterrupted
+):
+    """SIGTERM: last.ckpt is saved at the step boundary after the signal, the message names
+    the resume command, and the length-grouped sampler picks up mid-epoch exactly."""
+    extra = ("data.length_grouping=true",)
+    run_dir, marker = tmp_path / "run", tmp_path / "killed"
     first = train_cli(
         *RUN,
         *extra,
         "logger=csv",
-        *killer(step, signal_name, marker),
+        *killer([13], "SIGTERM", marker),
         f"hydra.run.dir={run_dir}",
         cache=cache,
     )
+    assert first.returncode == 128 + 15, first.stderr[-3000:]
+    assert first.stderr.strip().splitlines()[-1] == (
+        f"interrupted at step 14; resume with python -m recsys_lm.train resume={run_dir}"
+    )
     assert marker.exists() and not (run_dir / "metrics.json").exists()
-    if signal_name == "SIGKILL":
-        assert first.returncode == -9
-    else:
-        assert first.returncode == 128 + 15, first.stderr[-3000:]
-        message = first.stderr.strip().splitlines()[-1]
-        assert message == (
-            f"interrupted at step {step + 1}; resume with python -m recsys_lm.train "
-            f"resume={run_dir}"
-        )
-    newest = newest_checkpoint(run_dir / "checkpoints")
-    assert (newest.name, checkpoint_step(newest)) == (resumes_from, resumes_at)
-    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+    assert resumes_from(run_dir) == ("last.ckpt", 14)
 
     resumed = train_cli(f"resume={run_dir}", cache=cache)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert outcome(run_dir) == uninterrupted(extra)  # exact: floats compared with ==
-    assert f"resuming {run_dir} from {resumes_from}" in resumed.stdout + resumed.stderr
-    # The same folder, one CSV log continued, no second Hydra record.
-    assert sorted(p.name for p in (run_dir / "csv").iterdir()) == ["version_0"]
-    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == [".hydra"]
-
-    again = train_cli(f"resume={run_dir}", cache=cache)
-    assert again.returncode == 0 and "nothing to resume" in again.stderr
+    assert outcome(run_dir) == uninterrupted(extra)
+    assert_one_run_folder(run_dir)
 
 
 def test_resume_as_the_readme_writes_it_and_its_refusals(tmp_path, cache):
@@ -173,7 +196,7 @@ def test_resume_as_the_readme_writes_it_and_its_refusals(tmp_path, cache):
         "trainer.max_steps=3",
         "logger=none",
         "callbacks.periodic_checkpoint.every_n_train_steps=1",
-        *killer(2, "SIGKILL", marker),
+        *killer([2], "SIGKILL", marker),
         cache=cache,
         cwd=tmp_path,
     )
