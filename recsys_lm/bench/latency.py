@@ -40,7 +40,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -81,6 +81,7 @@ VERSIONS = (
     "uvloop",
     "httptools",
     "aiohttp",
+    "httpx",
 )
 T = TypeVar("T")
 # Run in a subprocess with a server's environment and affinity: the torch thread counts it gets.
@@ -92,11 +93,12 @@ THREAD_PROBE = (
 )
 SHARED_CORES = (
     "the servers and the load generator share cpus {cpus}: each figure includes the client's "
-    "own work (asyncio + aiohttp, one thread; on uvloop where installed)"
+    "own work (asyncio + {client}, one thread; on uvloop where installed)"
 )
 APART = (
-    "the servers run on cpus {cpus}, the load generator on cpus {client} (asyncio + aiohttp, "
-    "one thread; on uvloop where installed): the client's work is not in the servers' cores"
+    "the servers run on cpus {cpus}, the load generator on cpus {cpus_client} (asyncio + "
+    "{client}, one thread; on uvloop where installed): the client's work is not in the "
+    "servers' cores"
 )
 
 
@@ -419,26 +421,111 @@ async def open_loop(
     return outcomes, lag
 
 
-def http_sender(client: aiohttp.ClientSession, route: str, bodies: Sequence[bytes]) -> Send:
+def http_sender(client: LoadClient, route: str, bodies: Sequence[bytes]) -> Send:
     """POST /<route> with body i (cycling through `bodies`)."""
     path = f"/{route}"
 
     async def send(i: int) -> tuple[str, dict | None]:
         try:
-            body = bodies[i % len(bodies)]
-            async with client.post(path, data=body, headers=JSON_HEADERS) as reply:
-                answer = await reply.read()  # the whole answer, as any client would
-        except TimeoutError:
-            return "timeout", None
-        except aiohttp.ClientConnectorError:
-            return "connect", None
-        except aiohttp.ClientError as err:
-            return type(err).__name__, None
-        if reply.status == 200 and route == "recommend":
+            status, answer = await client.post(path, bodies[i % len(bodies)])
+        except Unanswered as err:
+            return err.label, None
+        if status == 200 and route == "recommend":
             return "200", json.loads(answer).get("stages_ms")
-        return str(reply.status), None
+        return str(status), None
 
     return send
+
+
+# -- the load generator's HTTP client -----------------------------------------------------------
+class Unanswered(Exception):
+    """A request that got no HTTP answer; `label` says why (timeout, connect, or the
+    client's error class)."""
+
+    def __init__(self, label: str) -> None:
+        super().__init__(label)
+        self.label = label
+
+
+class AiohttpClient:
+    """aiohttp (C-accelerated HTTP parsing), the default: httpx's own work added 0.9-1.2 ms
+    to each request's p50 on the cores the server shares (sequential head at c1: 2.89-3.33
+    against 1.99-2.15 ms, the server's stage unchanged; experiments/serving.md)."""
+
+    def __init__(self, url: str, timeout: float, connections: int) -> None:
+        # trust_env=False: a proxy from the environment (HTTP_PROXY) must not carry loopback
+        self.session = aiohttp.ClientSession(
+            base_url=url,
+            connector=aiohttp.TCPConnector(limit=connections),
+            timeout=aiohttp.ClientTimeout(total=timeout),
+            trust_env=False,
+        )
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        return await self._call(self.session.post(path, data=body, headers=JSON_HEADERS))
+
+    async def get(self, path: str) -> tuple[int, bytes]:
+        return await self._call(self.session.get(path))
+
+    @staticmethod
+    async def _call(request) -> tuple[int, bytes]:
+        try:
+            async with request as reply:
+                return reply.status, await reply.read()  # the whole answer, as any client
+        except TimeoutError:
+            raise Unanswered("timeout") from None
+        except aiohttp.ClientConnectorError:
+            raise Unanswered("connect") from None
+        except aiohttp.ClientError as err:
+            raise Unanswered(type(err).__name__) from None
+
+    async def aclose(self) -> None:
+        await self.session.close()
+
+
+class HttpxClient:
+    """httpx, the issue's first choice: kept to compare clients (`client.library=httpx`)."""
+
+    def __init__(self, url: str, timeout: float, connections: int) -> None:
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        self.client = httpx.AsyncClient(
+            base_url=url, timeout=httpx.Timeout(timeout), limits=limits, trust_env=False
+        )
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        return await self._call(self.client.post(path, content=body, headers=JSON_HEADERS))
+
+    async def get(self, path: str) -> tuple[int, bytes]:
+        return await self._call(self.client.get(path))
+
+    @staticmethod
+    async def _call(request) -> tuple[int, bytes]:
+        try:
+            reply = await request
+        except httpx.TimeoutException:
+            raise Unanswered("timeout") from None
+        except httpx.ConnectError:
+            raise Unanswered("connect") from None
+        except httpx.HTTPError as err:
+            raise Unanswered(type(err).__name__) from None
+        return reply.status_code, reply.content
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+LoadClient = AiohttpClient | HttpxClient
+CLIENTS: dict[str, type[LoadClient]] = {"aiohttp": AiohttpClient, "httpx": HttpxClient}
+
+
+@contextlib.asynccontextmanager
+async def client_for(url: str, cfg: DictConfig, connections: int) -> AsyncIterator[LoadClient]:
+    """The configured client (`client.library`), closed on the way out."""
+    client = CLIENTS[str(cfg.client.library)](url, float(cfg.client.timeout_s), connections)
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 # -- requests -------------------------------------------------------------------------------
@@ -652,13 +739,12 @@ def batch_totals(text: str, route: str) -> tuple[float, float]:
     return total, count
 
 
-async def scrape(client: aiohttp.ClientSession, route: str) -> tuple[float, float] | None:
+async def scrape(client: LoadClient, route: str) -> tuple[float, float] | None:
     try:
-        async with client.get("/metrics") as reply:
-            text, status = await reply.text(), reply.status
-    except (aiohttp.ClientError, TimeoutError):
+        status, text = await client.get("/metrics")
+    except Unanswered:
         return None
-    return batch_totals(text, route) if status == 200 else None
+    return batch_totals(text.decode(), route) if status == 200 else None
 
 
 @dataclass
@@ -670,7 +756,7 @@ class Measured:
 
 
 async def run_load(
-    client: aiohttp.ClientSession, send: Send, load: Load, route: str, cfg: DictConfig, first: int
+    client: LoadClient, send: Send, load: Load, route: str, cfg: DictConfig, first: int
 ) -> Measured:
     if load.warmup:
         warm = 1 if load.mode == "open" else load.concurrency
@@ -707,19 +793,6 @@ def run_loop(coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coroutine)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(coroutine)
-
-
-def client_for(url: str, cfg: DictConfig, connections: int) -> aiohttp.ClientSession:
-    """The load generator's HTTP client. aiohttp (C-accelerated parsing): httpx's client cost
-    1.3 ms more per request on the 2 cores the server shares (sequential head, c1: p50 3.4
-    against 2.1 ms), which every figure carried. trust_env=False: a proxy from the environment
-    (HTTP_PROXY) must not carry loopback calls."""
-    return aiohttp.ClientSession(
-        base_url=url,
-        connector=aiohttp.TCPConnector(limit=connections),
-        timeout=aiohttp.ClientTimeout(total=float(cfg.client.timeout_s)),
-        trust_env=False,
-    )
 
 
 async def measure(server: Server, bodies: list[bytes], cfg: DictConfig) -> list[Measured]:
@@ -1090,6 +1163,8 @@ def plan(cfg: DictConfig) -> Plan:
     }
     cpus = cpu_list(cfg.cpus, "cpus")
     client = cpu_list(cfg.client_cpus, "client_cpus") if cfg.get("client_cpus") else None
+    library = cfg.client.get("library")
+    _require(library in CLIENTS, "client.library", library, " | ".join(CLIENTS))
     threads = int(cfg.threads or len(cpus))
     _require(threads >= 1, "threads", threads, "null or at least 1")
     return Plan(targets, skipped, bodies, ratios, goals, cpus, threads, client)
@@ -1103,10 +1178,10 @@ def cpu_list(value: Any, key: str) -> list[int]:
     return cpus
 
 
-def cores_note(cpus: list[int], client: list[int] | None) -> str:
+def cores_note(cpus: list[int], client: list[int] | None, library: str = "aiohttp") -> str:
     if client is None or set(client) & set(cpus):
-        return SHARED_CORES.format(cpus=sorted(set(cpus) | set(client or ())))
-    return APART.format(cpus=cpus, client=client)
+        return SHARED_CORES.format(cpus=sorted(set(cpus) | set(client or ())), client=library)
+    return APART.format(cpus=cpus, cpus_client=client, client=library)
 
 
 def bench(cfg: DictConfig, command: str) -> int:
@@ -1125,7 +1200,7 @@ def bench(cfg: DictConfig, command: str) -> int:
         "started": _now(),
         "machine": machine(),
         "server_threads": probe_threads(checked.cpus, checked.threads),
-        "note": cores_note(checked.cpus, checked.client_cpus),
+        "note": cores_note(checked.cpus, checked.client_cpus, str(cfg.client.library)),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "results": {},
     }

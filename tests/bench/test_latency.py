@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import uvicorn
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf, open_dict
@@ -274,6 +276,7 @@ def test_without_exports_every_target_is_skipped_with_its_reason(tmp_path):
         (["goals.0.stat=p42"], "goals[0].stat"),
         (["cpus=[4096]"], "cpus"),
         (["client_cpus=[4096]"], "client_cpus"),
+        (["client.library=curl"], "client.library"),
     ],
 )
 def test_config_mistakes_name_their_key_before_any_server_starts(tmp_path, overrides, key):
@@ -288,6 +291,61 @@ def test_the_note_says_whether_the_load_generator_shares_the_servers_cores():
     assert "share cpus [0, 1]" in bench.cores_note([1], [0, 1])
     apart = bench.cores_note([1], [0])
     assert "servers run on cpus [1]" in apart and "on cpus [0]" in apart and "share" not in apart
+
+
+@pytest.fixture(scope="module")
+def tiny_server():
+    """A real uvicorn on loopback answering /recommend and /metrics as the service does."""
+    from fastapi import FastAPI, Response
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    registry = CollectorRegistry()
+    sizes = Histogram(bench.BATCH_METRIC, "requests per model call", ["route"], registry=registry)
+    for size in (2, 4):
+        sizes.labels(route="/recommend").observe(size)
+    app = FastAPI()
+
+    @app.post("/recommend")
+    async def recommend(body: dict):
+        return {"items": [], "stages_ms": {"retrieve": 1.5}}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(registry), media_type="text/plain")
+
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=bench.HOST, port=bench.free_port(), log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "the test server did not start"
+        time.sleep(0.02)
+    yield f"http://{bench.HOST}:{server.config.port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.mark.parametrize("library", sorted(bench.CLIENTS))
+def test_each_client_sends_reads_the_metrics_and_labels_a_refused_connection(
+    tmp_path, tiny_server, library
+):
+    cfg = bench_config(tmp_path, [f"client.library={library}"])
+
+    async def check():
+        async with bench.client_for(tiny_server, cfg, 2) as client:
+            send = bench.http_sender(client, "recommend", [b'{"user": "u"}'])
+            assert await send(0) == ("200", {"retrieve": 1.5})
+            missing = bench.http_sender(client, "score", [b"{}"])
+            assert await missing(0) == ("404", None)
+            assert await bench.scrape(client, "/recommend") == (6.0, 2.0)
+        nobody = f"http://{bench.HOST}:{bench.free_port()}"
+        async with bench.client_for(nobody, cfg, 1) as client:
+            assert await bench.http_sender(client, "recommend", [b"{}"])(0) == ("connect", None)
+            assert await bench.scrape(client, "/recommend") is None
+
+    asyncio.run(check())
 
 
 def test_a_flavour_the_export_lacks_skips_its_target(tmp_path, export_tables):
