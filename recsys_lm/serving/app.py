@@ -444,6 +444,8 @@ class Service:
                 await self._catch_up(model, catalogue)  # what was logged meanwhile
                 # batches already running keep the model they started with
                 self.model, self.catalogue = model, catalogue
+                for batcher in (self.recommender, self.scorer):
+                    batcher.forget_timings()  # inline or not: this model's speed decides
             self.loader, self.source, self.loaded_at = loader, dict(source), time.time()
             self.load_error = None  # a failed first load, repaired by a reload
             self.telemetry.observe_model(model.version, model.flavour, model.task, model.num_items)

@@ -125,7 +125,13 @@ class MicroBatcher(Generic[T, R]):
     @property
     def runs_inline(self) -> bool:
         """Whether the next lone request runs on the event loop (see the module doc)."""
-        return bool(self._lone) and statistics.median(self._lone) <= self.inline
+        timings = list(self._lone)  # a copy: a thread may be appending
+        return bool(timings) and statistics.median(timings) <= self.inline
+
+    def forget_timings(self) -> None:
+        """A new model: its first lone run goes to a thread and is timed afresh (the last
+        model's speed must not put a slow one on the loop)."""
+        self._lone.clear()
 
     async def _alone(self, loop: asyncio.AbstractEventLoop, request: T) -> R:
         self._observe(1)

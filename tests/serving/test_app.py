@@ -700,6 +700,14 @@ async def test_fast_lone_runs_move_onto_the_event_loop_and_slow_ones_back_to_a_t
         assert await batcher.submit(n) == n
     assert on_loop[3:7] == [True, True, True, False]  # 3 slow of 6: median (f + s) / 2 > 30 ms
     assert on_loop[-1] is False and not batcher.runs_inline
+    delay[0] = 0.0
+    for n in range(LONE_RUNS):
+        await batcher.submit(n)
+    assert batcher.runs_inline
+    batcher.forget_timings()  # a reload: the new model is timed afresh, in a thread first
+    assert not batcher.runs_inline
+    await batcher.submit(0)
+    assert on_loop[-1] is False and batcher.runs_inline
     never = MicroBatcher(run, 1, 0.0)  # inline_ms=0 (the default), batching off
     delay[0], on_loop[:] = 0.0, []
     for n in range(4):
@@ -862,9 +870,16 @@ async def test_hot_reload_under_concurrent_requests_fails_none(built, tmp_path):
     assert metric(text, "recsys_lm_reloads_total", outcome="failed") == 2
 
 
-async def test_reload_with_an_export_needs_a_reopen(built, tmp_path):
+async def test_a_reload_times_the_model_afresh_and_one_with_an_export_needs_a_reopen(
+    built, tmp_path
+):
     model = served(built, "retrieval")
-    async with serving(lambda: model, tmp_path) as (client, _):
+    async with serving(lambda: model, tmp_path) as (client, app):
+        recommender = app.state.service.recommender
+        recommender._lone.extend([0.0] * 3)  # the old model ran fast enough to run inline
+        assert recommender.runs_inline
+        assert (await client.post("/admin/reload")).status_code == 200
+        assert not recommender.runs_inline  # the reloaded model is timed afresh
         answer = await client.post("/admin/reload", json={"export": "/else"})
         assert answer.status_code == 400 and "no body" in answer.json()["detail"]
         typo = await client.post("/admin/reload", json={"exports": "/else"})
