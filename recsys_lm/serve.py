@@ -32,7 +32,9 @@ from recsys_lm.build import load_export
 from recsys_lm.errors import ConfigError, RecsysLMError
 from recsys_lm.serving.app import Loader, ServiceSettings, create_app
 from recsys_lm.serving.model import Pipeline
+from recsys_lm.serving.monitor import OnlineMonitor
 from recsys_lm.serving.store import open_store
+from recsys_lm.serving.telemetry import Telemetry
 
 log = logging.getLogger("recsys_lm.serve")
 # transformers v5 deprecation raised inside peft's wrapping on every load: not ours to fix.
@@ -55,6 +57,7 @@ SERVED_KEYS = (
     "batching",
     "seed_users",
     "item_sync_s",
+    "monitor",
     "workers",
     "threads",
     "blas_threads",
@@ -103,6 +106,7 @@ def service_settings(cfg: DictConfig) -> ServiceSettings:
             seed_users=bool(cfg.seed_users),
             item_sync_s=item_sync_seconds(cfg.get("item_sync_s", 1.0)),
             reload_on_sighup=int(cfg.get("workers") or 1) == 1,
+            monitor=monitor_options(cfg.get("monitor")),
             **limits,
             **batching,
         )
@@ -110,6 +114,18 @@ def service_settings(cfg: DictConfig) -> ServiceSettings:
         raise ConfigError("limits / batching", {**limits, **batching}, str(err)) from err
     except ValueError as err:
         raise ConfigError("limits", limits, str(err)) from err
+
+
+def monitor_options(node: Any) -> dict[str, Any]:
+    """The online-quality monitor's options (serve.yaml `monitor`), checked by building one."""
+    options = _plain(node) or {}
+    try:
+        OnlineMonitor(Telemetry(), **options)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(
+            "monitor", options, f"max_users, horizon_s, reference, window: {err}"
+        ) from err
+    return options
 
 
 def item_sync_seconds(value: Any) -> float:

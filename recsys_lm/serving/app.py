@@ -51,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from recsys_lm.errors import RecsysLMError, UnknownItem
 from recsys_lm.serving.batching import BatcherClosed, MicroBatcher
 from recsys_lm.serving.model import Pipeline, Ranked, ServedModel
+from recsys_lm.serving.monitor import OnlineMonitor
 from recsys_lm.serving.store import Event, EventStore, InvalidInput, ItemEdit, StoreUnavailable
 from recsys_lm.serving.telemetry import Telemetry
 
@@ -84,6 +85,7 @@ class ServiceSettings:
     seed_users: bool = True  # copy the export's users into the store at load (idempotent)
     reload_on_sighup: bool = False  # SIGHUP reloads the model (the entry point turns it on)
     item_sync_s: float = 1.0  # how often to apply item edits other workers logged; 0: never
+    monitor: dict[str, Any] = field(default_factory=dict)  # OnlineMonitor's options (monitor.py)
 
     def __post_init__(self) -> None:
         if not 1 <= self.default_k <= self.max_k:
@@ -281,6 +283,11 @@ def readable(model: Model, ids: Sequence[str]) -> list[str]:
     return [i for i in ids if i not in first or i not in second]
 
 
+def rows_of(model: Model) -> ServedModel:
+    """The part of a model whose rows number the items (a pipeline's retriever)."""
+    return model.retriever if isinstance(model, Pipeline) else model
+
+
 def servable(model: Model, ids: Sequence[str]) -> list[str]:
     """The ids a model cannot return or score (unknown or removed)."""
     return [i for i in ids if not model.has_item(i)]
@@ -365,6 +372,8 @@ class Service:
         self.source = dict(source or {})
         self.close_store = close_store
         self.telemetry = Telemetry()
+        self.monitor = OnlineMonitor(self.telemetry, **settings.monitor)
+        self.exported_rows = 0  # the served model's items at export; rows beyond: added since
         self.model: Model | None = None
         self.loaded_at = 0.0
         self.load_error: str | None = None  # the first load's failure: not ready, not healthy
@@ -428,6 +437,11 @@ class Service:
             await self.in_store(self.store.close)
         self.store_thread.shutdown(wait=True)
 
+    def is_new_item(self, item: str) -> bool:
+        """Whether the served model got `item` after its export (through /items)."""
+        rows = rows_of(self.model).index_of if self.model is not None else {}
+        return rows.get(item, -1) >= self.exported_rows
+
     async def in_store(self, fn: Callable, *args) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.store_thread, fn, *args)
 
@@ -436,6 +450,7 @@ class Service:
         the logged item edits onto it and make it the served model."""
         async with self.reload_lock:
             model = await asyncio.to_thread(loader)
+            exported = len(rows_of(model).item_ids)  # before the logged item edits replay
             if self.settings.seed_users and model.users:
                 await self.in_store(self.store.seed_users, model.users)
             catalogue = Catalogue()
@@ -444,6 +459,8 @@ class Service:
                 await self._catch_up(model, catalogue)  # what was logged meanwhile
                 # batches already running keep the model they started with
                 self.model, self.catalogue = model, catalogue
+                self.exported_rows = exported
+                self.monitor.reset()
                 for batcher in (self.recommender, self.scorer):
                     batcher.forget_timings()  # inline or not: this model's speed decides
             self.loader, self.source, self.loaded_at = loader, dict(source), time.time()
@@ -673,6 +690,7 @@ def recommend_router(schemas: Schemas) -> APIRouter:
         job = RecommendJob(history, body.k, exclude, allow)
         answered = await service.call(service.recommender, job, "/recommend")
         ranked = answered.result
+        service.monitor.shown(body.user, ranked.items, ranked.scores)
         stages = {name: round(s * 1000, 3) for name, s in ranked.stages.items()}
         return {
             "user": body.user,
@@ -721,6 +739,7 @@ def events_router(schemas: Schemas) -> APIRouter:
         ]
         seqs = await service.call(service.event_log, events, "/events", "event log")
         service.telemetry.observe_events([e.time for e in events], max(seqs))
+        service.monitor.events([(e.user, e.item) for e in events], service.is_new_item)
         return {"seq": seqs, "last_seq": max(seqs)}
 
     @router.get("/users/{user:path}", response_model=UserReply)

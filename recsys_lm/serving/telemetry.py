@@ -93,6 +93,35 @@ class Telemetry:
             registry=r,
         )
         self.events = Counter(f"{PREFIX}_events", "Events durably logged", registry=r)
+        # online quality (serving/monitor.py)
+        self.judged_events = Counter(
+            f"{PREFIX}_online_judged_events",
+            "Users' next events after a recommendation shown to them (within the horizon)",
+            registry=r,
+        )
+        self.hits = Counter(
+            f"{PREFIX}_online_hits", "Judged events whose item was among those shown", registry=r
+        )
+        self.hit_rate = Gauge(
+            f"{PREFIX}_online_hit_rate", "Hits / judged events over the last window", registry=r
+        )
+        self.new_item_events = Counter(
+            f"{PREFIX}_events_new_item",
+            "Events on items the served model was not exported with (added since)",
+            registry=r,
+        )
+        self.new_item_share = Gauge(
+            f"{PREFIX}_online_new_item_share",
+            "Share of the last window's events on items added since the export",
+            registry=r,
+        )
+        self.score_psi = Gauge(
+            f"{PREFIX}_score_drift_psi",
+            "Population stability index of the top-1 score: the last window against the "
+            "first scores after the model loaded (NaN until both exist)",
+            registry=r,
+        )
+        self.score_psi.set(float("nan"))
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route=route, status=str(status)).inc()

@@ -100,6 +100,8 @@ def test_the_api_key_is_read_from_the_environment_variable_the_config_names(
         (["export={export}", "+limits.max_kk=3"], ["max_kk"]),
         (["export={export}", "workers=0"], ["workers", "at least 1"]),
         (["export={export}", "blas_threads=0"], ["blas_threads", ">= 1"]),
+        (["export={export}", "monitor.window=0"], ["monitor", "window", ">= 1"]),
+        (["export={export}", "+monitor.windows=5"], ["monitor", "windows"]),
     ],
 )
 def test_a_config_mistake_exits_2_with_one_line_before_any_port_is_bound(
