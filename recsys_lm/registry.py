@@ -153,8 +153,13 @@ class Registry:
             verify_export(self.versions / name, {"files": record["files"]})
         except RecsysLMError as err:
             raise RegistryError(f"{name}: {err}") from err
-        entry = {"time": _now(), "action": action, "from": self.current(), "to": name}
-        entry["reason"] = reason
+        entry = {
+            "time": _now(),
+            "action": action,
+            "from": self.current(),
+            "to": name,
+            "reason": reason,
+        }
         tmp = self.root / f".{CURRENT}.{os.getpid()}.tmp"  # one per process: no clash
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(Path("versions") / name)

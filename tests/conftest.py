@@ -56,6 +56,24 @@ def make_config(
     return cfg
 
 
+def train_run(folder: Path, overrides: list[str]) -> Path:
+    """A finished tiny run in `folder`, with the saved config a Hydra run would leave."""
+    import recsys_lm.train as entry
+
+    cfg = make_config(folder, [*overrides, "baselines=[]"])
+    entry.train(cfg)
+    (folder / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(cfg, folder / ".hydra" / "config.yaml")
+    return folder
+
+
+def export_config(run_dir: Path, overrides: list[str]) -> DictConfig:
+    """`python -m recsys_lm.export run=<run_dir> <overrides>`'s config."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("export", overrides=[f"run={run_dir}", *overrides])
+
+
 def train_and_keep(config, monkeypatch, overrides: list[str], **kw):
     """Train through `recsys_lm.train.train`; returns (result, cfg, the trained module), the
     module caught on its way into `save_model`."""

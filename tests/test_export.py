@@ -16,16 +16,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import OmegaConf
 
-import recsys_lm.train as entry
 from recsys_lm import export as exporter
 from recsys_lm.build import load_flavour, load_run
 from recsys_lm.models.adapters import is_peft
 from recsys_lm.serving import flavours as fl
-from tests.conftest import ROOT, make_config
+from tests.conftest import ROOT, train_run
+from tests.conftest import export_config as conftest_export_config
 
 pytestmark = pytest.mark.slow  # each export trains a tiny run and re-tests it per flavour
 ALL = "flavours=[merged,onnx,onnx-int8,int8,pruned]"
@@ -35,19 +32,8 @@ TINY_INT8 = "parity.int8.max_metric_change=null"
 QUICK = ["parity.timing_users=5", "parity.timing_repeats=1"]  # torchao int8 is slow on CPU
 
 
-def train_run(folder: Path, overrides: list[str]) -> Path:
-    """A finished tiny run in `folder`, with the saved config a Hydra run would leave."""
-    cfg = make_config(folder, [*overrides, "baselines=[]"])
-    entry.train(cfg)
-    (folder / ".hydra").mkdir(exist_ok=True)
-    OmegaConf.save(cfg, folder / ".hydra" / "config.yaml")
-    return folder
-
-
 def export_config(run_dir: Path, overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=exporter.CONFIG_DIR, version_base="1.3"):
-        return compose("export", overrides=[f"run={run_dir}", *QUICK, *overrides])
+    return conftest_export_config(run_dir, [*QUICK, *overrides])
 
 
 @pytest.fixture(scope="module")

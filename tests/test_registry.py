@@ -11,13 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import OmegaConf
 
 from recsys_lm.build import file_sha256
 from recsys_lm.registry import Registry, RegistryError, run
-from tests.conftest import CONFIG_DIR, ROOT
+from tests.conftest import ROOT, export_config, train_run
 from tests.serving.service import free_port
 
 
@@ -114,22 +111,11 @@ def test_a_tampered_version_is_not_promoted(tmp_path):
 # -- with real exports and the service -----------------------------------------------------------
 def export_of(tmp_path_factory, steps: int) -> Path:
     from recsys_lm.export import export
-    from recsys_lm.train import train
-    from tests.conftest import make_config
 
-    run_dir = tmp_path_factory.mktemp(f"run{steps}")
-    overrides = ["head=sequential", "peft=none", f"trainer.max_steps={steps}", "baselines=[]"]
-    cfg = make_config(run_dir, overrides)
-    train(cfg)
-    (run_dir / ".hydra").mkdir(exist_ok=True)
-    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    overrides = ["head=sequential", "peft=none", f"trainer.max_steps={steps}"]
+    run_dir = train_run(tmp_path_factory.mktemp(f"run{steps}"), overrides)
     out = tmp_path_factory.mktemp("exports") / f"steps{steps}"
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        export_cfg = compose(
-            "export", overrides=[f"run={run_dir}", f"out={out}", "flavours=[]", "parity.users=5"]
-        )
-    export(export_cfg)
+    export(export_config(run_dir, [f"out={out}", "flavours=[]", "parity.users=5"]))
     return out
 
 

@@ -442,6 +442,14 @@ class Service:
         rows = rows_of(self.model).index_of if self.model is not None else {}
         return rows.get(item, -1) >= self.exported_rows
 
+    async def stored_history(self, user: str) -> list[str] | None:
+        """A user's stored items (the latest `max_seen`), None for an unknown user. A store
+        whose reads never wait (`inline_reads`) is read here: a hop to the store thread
+        costs more than the read."""
+        if self.store.inline_reads:
+            return self.store.history(user, self.settings.max_seen)
+        return await self.in_store(self.store.history, user, self.settings.max_seen)
+
     async def in_store(self, fn: Callable, *args) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.store_thread, fn, *args)
 
@@ -572,9 +580,7 @@ class Service:
             if unknown:
                 raise unprocessable("history", "unknown item id(s)", "unknown_item", unknown)
             return history, history
-        read = (self.store.history, user, self.settings.max_seen)
-        # a read that never waits runs here: a thread hop costs more than it (store.py)
-        stored = read[0](*read[1:]) if self.store.inline_reads else await self.in_store(*read)
+        stored = await self.stored_history(user)
         if stored is None:
             raise HTTPException(
                 404, f"unknown user {user!r}: no stored state; send `history` (item ids)"
@@ -745,7 +751,7 @@ def events_router(schemas: Schemas) -> APIRouter:
     @router.get("/users/{user:path}", response_model=UserReply)
     async def get_user(user: str, request: Request):
         service = service_of(request)
-        history = await service.in_store(service.store.history, user, service.settings.max_seen)
+        history = await service.stored_history(user)
         if history is None:
             raise HTTPException(404, f"unknown user {user!r}")
         return {"user": user, "history": history}

@@ -13,9 +13,9 @@ concurrency 1, p99 5.7 against 3.3 ms); whatever arrives meanwhile queues and fo
 batch.
 
 A request run alone runs on the event loop itself, not in a thread, when the last lone runs
-took at most `inline_ms` (their median): handing a call to a thread and back costs about 0.7 ms on two
-shared virtual cores (the waking core's scheduling), more than half of a sequential head's
-whole call. In-process, that head's /recommend at concurrency 1 went from p50 3.06 / p99
+took at most `inline_ms` (their median): handing a call to a thread and back costs about
+0.7 ms on two shared virtual cores (the waking core's scheduling), more than half of a
+sequential head's whole call. In-process, that head's /recommend at concurrency 1 went from p50 3.06 / p99
 6.95 ms to 2.32 / 4.36 ms. The loop is blocked for that long, as the model would be busy
 anyway; a model above `inline_ms` (a MiniLM user side, a cross-encoder) keeps the thread, so
 the loop goes on accepting requests and batches form behind it. A fast model run inline

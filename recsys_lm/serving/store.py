@@ -583,14 +583,7 @@ def _checked(events: Sequence[Event]) -> list[Event]:
             value = getattr(e, name)
             if not isinstance(value, str) or not value:
                 raise InvalidInput(f"event {n}: `{name}` must be a non-empty string, got {value!r}")
-        if isinstance(e.time, bool) or not isinstance(e.time, (int, float)):
-            raise InvalidInput(
-                f"event {n}: `time` must be a number (epoch seconds), got {e.time!r}"
-            )
-        if not math.isfinite(e.time):
-            raise InvalidInput(f"event {n}: `time` must be finite, got {e.time!r}")
-        if e.seq is not None:
-            raise InvalidInput(f"event {n}: `seq` is assigned by the store, got {e.seq!r}")
+        _check_time_and_seq(f"event {n}", e)
         out.append(Event(e.user, e.item, float(e.time), e.type))
     return out
 
@@ -608,17 +601,20 @@ def _checked_edits(edits: Sequence[ItemEdit]) -> list[ItemEdit]:
             _check_payload(n, e.payload)
         elif e.payload is not None:
             raise InvalidInput(f"item edit {n}: a remove has no `payload`, got {e.payload!r}")
-        if isinstance(e.time, bool) or not isinstance(e.time, (int, float)):
-            raise InvalidInput(
-                f"item edit {n}: `time` must be a number (epoch seconds), got {e.time!r}"
-            )
-        if not math.isfinite(e.time):
-            raise InvalidInput(f"item edit {n}: `time` must be finite, got {e.time!r}")
-        if e.seq is not None:
-            raise InvalidInput(f"item edit {n}: `seq` is assigned by the store, got {e.seq!r}")
+        _check_time_and_seq(f"item edit {n}", e)
         payload = dict(e.payload) if isinstance(e.payload, dict) else e.payload
         out.append(ItemEdit(e.op, e.item, payload, float(e.time)))
     return out
+
+
+def _check_time_and_seq(what: str, record: Event | ItemEdit) -> None:
+    """A record to log: its time a finite number (epoch seconds), its seq not yet set."""
+    if isinstance(record.time, bool) or not isinstance(record.time, (int, float)):
+        raise InvalidInput(f"{what}: `time` must be a number (epoch seconds), got {record.time!r}")
+    if not math.isfinite(record.time):
+        raise InvalidInput(f"{what}: `time` must be finite, got {record.time!r}")
+    if record.seq is not None:
+        raise InvalidInput(f"{what}: `seq` is assigned by the store, got {record.seq!r}")
 
 
 def _check_payload(n: int, payload: Any) -> None:

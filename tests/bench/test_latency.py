@@ -16,10 +16,11 @@ import pytest
 import uvicorn
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import OmegaConf, open_dict
+from omegaconf import open_dict
 
 from recsys_lm.bench import latency as bench
 from recsys_lm.errors import ConfigError
+from tests.conftest import export_config, train_run
 
 
 def bench_config(tmp_path: Path, overrides: list[str] | None = None):
@@ -383,8 +384,6 @@ def exports(tmp_path_factory) -> dict[str, Path]:
     """Tiny trained sequential and click runs on the same sample data, exported by
     recsys_lm.export (the click one with its onnx-int8 flavour)."""
     from recsys_lm.export import export
-    from recsys_lm.train import train
-    from tests.conftest import make_config
 
     heads = {
         "sequential": (["head=sequential", "peft=none", "freeze=head_only"], ["onnx"]),
@@ -392,28 +391,20 @@ def exports(tmp_path_factory) -> dict[str, Path]:
     }
     out = {}
     for name, (overrides, flavours) in heads.items():
-        run_dir = tmp_path_factory.mktemp(f"run_{name}")
-        cfg = make_config(run_dir, [*overrides, "trainer.max_steps=2", "baselines=[]"])
-        train(cfg)
-        (run_dir / ".hydra").mkdir(exist_ok=True)
-        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+        run_dir = train_run(
+            tmp_path_factory.mktemp(f"run_{name}"), [*overrides, "trainer.max_steps=2"]
+        )
         out[name] = tmp_path_factory.mktemp("exports") / name
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=bench.CONFIG_DIR, version_base="1.3"):
-            export_cfg = compose(
-                "export",
-                overrides=[
-                    f"run={run_dir}",
-                    f"out={out[name]}",
-                    f"flavours=[{','.join(flavours)}]",
-                    "parity.users=5",
-                    # Two training steps of a random tiny BERT: int8 is judged by the
-                    # benchmark's figures here, not by parity with an untrained model.
-                    "parity.int8.min_overlap=0",
-                    "parity.int8.max_metric_change=null",
-                ],
-            )
-        export(export_cfg)
+        export_overrides = [
+            f"out={out[name]}",
+            f"flavours=[{','.join(flavours)}]",
+            "parity.users=5",
+            # Two training steps of a random tiny BERT: int8 is judged by the
+            # benchmark's figures here, not by parity with an untrained model.
+            "parity.int8.min_overlap=0",
+            "parity.int8.max_metric_change=null",
+        ]
+        export(export_config(run_dir, export_overrides))
     return out
 
 

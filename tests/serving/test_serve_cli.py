@@ -19,11 +19,10 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import OmegaConf
 
 import recsys_lm.serve as serve
 from recsys_lm.serving.store import open_store
-from tests.conftest import ROOT, make_config
+from tests.conftest import ROOT, export_config, train_run
 from tests.serving.service import free_port, metric
 
 KEY = "cli-secret"
@@ -140,22 +139,11 @@ def test_several_workers_build_their_app_from_the_config_in_the_environment(
 def exported(tmp_path_factory) -> Path:
     """A tiny trained two-tower run, exported (eager only) by recsys_lm.export."""
     from recsys_lm.export import export
-    from recsys_lm.train import train
 
-    run_dir = tmp_path_factory.mktemp("run")
-    cfg = make_config(
-        run_dir, ["head=retrieval", "peft=lora", "trainer.max_steps=2", "baselines=[]"]
-    )
-    train(cfg)
-    (run_dir / ".hydra").mkdir(exist_ok=True)
-    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    overrides = ["head=retrieval", "peft=lora", "trainer.max_steps=2"]
+    run_dir = train_run(tmp_path_factory.mktemp("run"), overrides)
     out = tmp_path_factory.mktemp("exports") / "v1"
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=serve.CONFIG_DIR, version_base="1.3"):
-        export_cfg = compose(
-            "export", overrides=[f"run={run_dir}", f"out={out}", "flavours=[]", "parity.users=5"]
-        )
-    export(export_cfg)
+    export(export_config(run_dir, [f"out={out}", "flavours=[]", "parity.users=5"]))
     return out
 
 
