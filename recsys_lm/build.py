@@ -8,7 +8,10 @@ instantiates the module, the data, the callbacks or a saved model.
     build_datamodule(cfg, m)     source + data settings -> RecDataModule (prepares on setup)
     build_trainer(cfg, task)     Lightning Trainer with the loggers and callbacks
     build_callbacks(cfg, task)   Lightning callbacks; `monitor: auto` -> the task's metric
+    build_eval_trainer(cfg)      a Trainer for evaluation only
+    evaluate_saved(dir, cfg)     a saved model's metrics on the data of a config
     load_model(dir)              a saved model (models/export.py wrote it) -> RecsysLM
+    warm_start(m, dir)           a built module starts from a saved model's weights
     load_run(dir)                a finished run's model with its prepared data attached
     load_flavour(dir, name)      one inference flavour of an export (serving/flavours.py)
     load_export(dir, flavour)    an export served in one flavour: ServedModel (serving/model.py)
@@ -168,6 +171,43 @@ def build_trainer(cfg: DictConfig, task: Task) -> L.Trainer:
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
+def build_eval_trainer(cfg: DictConfig) -> L.Trainer:
+    """`trainer.*` for evaluation only: no loggers, callbacks, checkpoints or bars."""
+    return instantiate(
+        cfg.trainer,
+        logger=False,
+        callbacks=[],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+def evaluate_saved(
+    model_dir: str | Path, cfg: DictConfig, stages: tuple[str, ...] = ("test",)
+) -> dict[str, dict[str, float]]:
+    """A saved model's metrics on the data `cfg` describes (prepared as a run of `cfg`
+    would be): {stage: metrics} for each named evaluation set it has, e.g. the current
+    model on a refresh's held-out slice, or a stale model on a later window."""
+    module = load_model(model_dir)
+    datamodule = build_datamodule(cfg, module)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    module.attach(datamodule.data)
+    trainer = build_eval_trainer(cfg)
+    out = {}
+    for stage in stages:
+        loader = datamodule.eval_dataloader(stage)
+        if loader is None:
+            continue
+        if not len(loader.dataset):
+            out[stage] = {}
+            continue
+        logged = trainer.test(module, dataloaders=loader, verbose=False)[0]
+        out[stage] = {k.removeprefix("test/"): float(v) for k, v in logged.items()}
+    return out
+
+
 def baseline_names(cfg: DictConfig, task: Task) -> list[str]:
     """`baselines`, or the task's defaults when it is null."""
     names = cfg.get("baselines")
@@ -187,6 +227,29 @@ def load_model(directory: str | Path) -> RecsysLM:
     if unexpected:
         raise RuntimeError(f"{directory / WEIGHTS}: weights the model does not have: {unexpected}")
     return module.eval()
+
+
+def warm_start(module: RecsysLM, directory: str | Path) -> None:
+    """Start `module` (built and attached to its data) from a saved model's weights: the
+    refresh's warm start. The optimizer and LR schedule start fresh. The model must have
+    the same architecture and catalogue size; a mismatch names the tensor."""
+    directory = Path(directory)
+    file = directory / WEIGHTS
+    if not file.is_file():
+        raise ConfigError("init_from", str(directory), f"a saved model folder ({file} is missing)")
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    own = module.state_dict()
+    for name, value in state.items():
+        if name in own and isinstance(value, torch.Tensor) and value.shape != own[name].shape:
+            raise ConfigError(
+                "init_from",
+                str(directory),
+                f"weights of this model's shapes ({name}: saved {tuple(value.shape)}, "
+                f"model {tuple(own[name].shape)}; a changed catalogue or architecture?)",
+            )
+    _, unexpected = module.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ConfigError("init_from", str(directory), f"this model's weights, not {unexpected}")
 
 
 @dataclass

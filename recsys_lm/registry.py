@@ -102,8 +102,10 @@ class Registry:
         watermark: int | None = None,
         gate: dict[str, Any] | None = None,
         note: str | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> str:
-        """Copy a checked export in as the next version; its name."""
+        """Copy a checked export in as the next version; its name. `extra`: further fields
+        of version.json (a refresh's record)."""
         export = Path(export)
         manifest_path = export / MANIFEST
         if not manifest_path.is_file():
@@ -128,6 +130,7 @@ class Registry:
             "gate": gate or {"decision": "manual", "reason": "registered by hand"},
             "note": note,
             "files": manifest.get("files", {}),
+            **(extra or {}),
         }
         self.versions.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix=".register.", dir=self.versions))

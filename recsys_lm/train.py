@@ -25,7 +25,9 @@ from recsys_lm.build import (
     build_module,
     build_trainer,
     check_config,
+    warm_start,
 )
+from recsys_lm.data.prepared import NEW_ITEMS
 from recsys_lm.durable import (
     TrainingInterrupted,
     atomic_write_text,
@@ -78,6 +80,8 @@ def train(cfg: DictConfig) -> dict:
     datamodule.setup("fit")
     data = datamodule.data
     module.attach(data)
+    if cfg.get("init_from") and not cfg.get("ckpt_path"):
+        warm_start(module, cfg.init_from)
     params = count_parameters(module)
     protocol = data.protocol()
     log.info(
@@ -112,6 +116,7 @@ def train(cfg: DictConfig) -> dict:
     best = _best_checkpoint(trainer)
     val = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
     test = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+    new_items = _new_item_metrics(trainer, module, datamodule, best)
     options = OmegaConf.to_container(cfg.get("baseline_options") or {}, resolve=True)
     baselines = run_baselines(data, baseline_names(cfg, checked.task), options)
     eval_s = time.perf_counter() - eval_start
@@ -119,6 +124,7 @@ def train(cfg: DictConfig) -> dict:
     result = {
         "test": _strip(test, "test/"),
         "val": _strip(val, "val/"),
+        **new_items,
         "baselines": baselines,
         "protocol": protocol,
         "params": params,
@@ -146,6 +152,18 @@ def train(cfg: DictConfig) -> dict:
     _finish_wandb(loggers)
     print_summary(result, output_dir)
     return result
+
+
+def _new_item_metrics(trainer: L.Trainer, module, datamodule, best: str | None) -> dict:
+    """Rolling protocol: the test metrics again over the rows whose item is new (first seen
+    in the tested window), as {"test_new_items": metrics}; {} for other splits."""
+    loader = datamodule.eval_dataloader(NEW_ITEMS)
+    if loader is None:
+        return {}
+    if not len(loader.dataset):
+        return {NEW_ITEMS: {}}
+    out = trainer.test(module, dataloaders=loader, ckpt_path=best, verbose=False)[0]
+    return {NEW_ITEMS: _strip(out, "test/")}
 
 
 def _best_checkpoint(trainer: L.Trainer) -> str | None:

@@ -6,7 +6,7 @@ import logging
 
 from recsys_lm.baselines.evaluate import evaluate_scores
 from recsys_lm.baselines.registry import BASELINES
-from recsys_lm.data.prepared import PreparedData
+from recsys_lm.data.prepared import NEW_ITEMS, PreparedData
 from recsys_lm.data.tasks import TASKS
 from recsys_lm.errors import ConfigError
 
@@ -28,8 +28,13 @@ def run_baselines(
             log.warning("baseline %s", out[name]["skipped"])
             continue
         baseline = BASELINES[name].build(data, **options.get(name, {}))
-        out[name] = {stage: evaluate_scores(data, stage, baseline) for stage in ("val", "test")}
+        stages = [s for s in ("val", "test", NEW_ITEMS) if s in data.datasets]
+        out[name] = {stage: _evaluate(data, stage, baseline) for stage in stages}
     return out
+
+
+def _evaluate(data: PreparedData, stage: str, baseline) -> dict[str, float]:
+    return evaluate_scores(data, stage, baseline) if len(data.datasets[stage]) else {}
 
 
 def check_names(names: list[str]) -> None:

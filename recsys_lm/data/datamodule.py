@@ -159,5 +159,11 @@ class RecDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.data.datasets["test"], self.settings.eval_batch_size)
 
+    def eval_dataloader(self, name: str) -> DataLoader | None:
+        """A loader over any prepared evaluation set by name (e.g. `test_new_items`), or None
+        when this data has no such set."""
+        dataset = self.data.datasets.get(name)
+        return None if dataset is None else self._loader(dataset, self.settings.eval_batch_size)
+
     def item_dataloader(self) -> DataLoader:
         return self._loader(self.data.items, self.settings.eval_batch_size)

@@ -15,9 +15,10 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import Dataset
 
+from recsys_lm.data.appended import append_interactions
 from recsys_lm.data.cache import CachedSource
 from recsys_lm.data.canonical import CanonicalData
-from recsys_lm.data.datasets.examples import ItemSet
+from recsys_lm.data.datasets.examples import ItemSet, RankingSet
 from recsys_lm.data.filters import k_core
 from recsys_lm.data.negatives import NegativeSampler
 from recsys_lm.data.settings import DataSettings
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 # heads; TALLRec) and a source's own split (`part`, data.split.method=predefined).
 SPLIT_ATTRS = ("rating", "behaviour")
 STAGES = ("train", "val", "test")
+# A prequential split's test rows whose item is new (first seen in the tested window), for
+# models and baselines alike: datasets[NEW_ITEMS], metrics.json `test_new_items`.
+NEW_ITEMS = "test_new_items"
 
 
 @dataclass
@@ -126,6 +130,7 @@ class PreparedData:
                 "interactions": int(sum(len(seq) for part in parts for seq in part)),
                 "eval_users": {s: len(split.eval_users(s)) for s in ("val", "test")},
                 "cold_items": len(split.cold_items),
+                **self._prequential(),
                 "filter": {
                     "min_user_interactions": settings.filter.min_user_interactions,
                     "min_item_interactions": settings.filter.min_item_interactions,
@@ -135,6 +140,16 @@ class PreparedData:
         )
         return out
 
+    def _prequential(self) -> dict:
+        """Rolling protocol: its windows, rows and the share of rows with a new item."""
+        if not self.split.prequential:
+            return {}
+        rows = {s: len(self.datasets[s]) for s in ("val", "test", NEW_ITEMS) if s in self.datasets}
+        out = {"prequential": True, "rolling": self.split.details, "eval_rows": rows}
+        if rows.get("test"):
+            out["new_item_share"] = rows.get(NEW_ITEMS, 0) / rows["test"]
+        return out
+
     def _eval_mode_label(self) -> str:
         if self.eval_mode == "sampled":
             return f"sampled-{self.settings.eval_negatives}"
@@ -142,10 +157,12 @@ class PreparedData:
 
 
 def load_canonical(source: Any, settings: DataSettings) -> CanonicalData:
-    """The source's canonical form, through the Parquet cache unless data.use_cache=false."""
-    if settings.use_cache:
-        return CachedSource(source, settings.cache_dir).load()
-    return source.load()
+    """The source's canonical form, through the Parquet cache unless data.use_cache=false,
+    plus data.new_interactions (a refresh's logged behaviour) when set."""
+    data = CachedSource(source, settings.cache_dir).load() if settings.use_cache else source.load()
+    if settings.new_interactions:
+        data = append_interactions(data, settings.new_interactions)
+    return data
 
 
 def prepare(
@@ -211,6 +228,9 @@ def prepare(
     if task.targets is not None:
         prepared.targets = task.targets(prepared)
     prepared.datasets = {stage: task.build(prepared, stage) for stage in STAGES}
+    test = prepared.datasets["test"]
+    if split.prequential and isinstance(test, RankingSet):
+        prepared.datasets[NEW_ITEMS] = test.new_item_rows()
     return prepared
 
 

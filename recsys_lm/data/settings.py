@@ -37,6 +37,14 @@ class SplitSettings:
     method: str = "leave_one_out"
     val_ratio: float = 0.1
     test_ratio: float = 0.1
+    # rolling only (conf/data/loader.yaml documents each)
+    windows: int = 4
+    window: int = 0
+    initial_ratio: float = 0.5
+    window_days: float | None = None
+    cuts: list[int] | None = None
+    fresh_after: int | None = None
+    replay: float = 1.0
 
 
 @dataclass
@@ -67,6 +75,7 @@ class DataSettings:
     length_grouping: bool = False
     max_sequence_length: int = 50
     use_cache: bool = True
+    new_interactions: str | None = None
     cache_dir: str = "~/.cache/recsys_lm"
     filter: FilterSettings = field(default_factory=FilterSettings)
     split: SplitSettings = field(default_factory=SplitSettings)

@@ -99,7 +99,7 @@ def ranking_candidates(data: PreparedData) -> dict:
 def retrieval_dataset(data: PreparedData, stage: str) -> Dataset:
     budget = data.settings.max_history_tokens
     if stage == "train":
-        return TwoTowerSet(data.split, data.tokens, budget)
+        return TwoTowerSet(data.split, data.tokens, budget, data.settings.split.replay, data.seed)
     return RankingSet(
         data.split, stage, data.num_items, data.tokens, budget, **ranking_candidates(data)
     )
@@ -108,7 +108,7 @@ def retrieval_dataset(data: PreparedData, stage: str) -> Dataset:
 def sequential_dataset(data: PreparedData, stage: str) -> Dataset:
     max_len = data.settings.max_sequence_length
     if stage == "train":
-        return SequenceSet(data.split, max_len, data.tokens)
+        return SequenceSet(data.split, max_len, data.tokens, data.settings.split.replay, data.seed)
     return SequenceRankingSet(
         data.split, stage, data.num_items, max_len, **ranking_candidates(data)
     )

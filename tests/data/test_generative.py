@@ -51,7 +51,7 @@ def test_evaluation_has_one_sequence_per_user_and_candidate(dm):
     rows = [dataset[i] for i in range(3)]
     batch = dataset.collate(rows)
     assert isinstance(batch, CandidateBatch)
-    candidates = [dataset.candidates[user] for user, _, _ in rows]
+    candidates = [dataset.candidates[user] for user, _, _, _ in rows]
     assert len(batch.query) == sum(map(len, candidates)) == 3 * 4  # target + 3 negatives
     for n in range(len(batch.query)):
         row, item = int(batch.query[n]), int(batch.item_index[n])

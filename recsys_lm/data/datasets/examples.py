@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from recsys_lm.data.batches import ItemBatch, PairBatch, RankingBatch, TwoTowerBatch, pad
 from recsys_lm.data.negatives import NegativeSampler
-from recsys_lm.data.split import PARTS, Split
+from recsys_lm.data.split import PARTS, Split, replay_sample
 from recsys_lm.data.text import TokenCache
+from recsys_lm.errors import ConfigError
 
 STAGE_SEEDS = {"train": 0, "val": 1, "test": 2}
 
@@ -142,9 +145,16 @@ def pair_batch(rows, cache: TokenCache, budget: int, label_dtype: torch.dtype) -
 class TwoTowerSet(Dataset):
     """Every (history prefix, next item) of the training sequences."""
 
-    def __init__(self, split: Split, cache: TokenCache, budget: int) -> None:
+    def __init__(
+        self, split: Split, cache: TokenCache, budget: int, replay: float = 1.0, seed: int = 0
+    ) -> None:
+        """With `split.fresh_from` (a refresh): the rows whose target is fresh plus a
+        `replay` x as large seeded sample of the older ones."""
         self.split, self.cache, self.budget = split, cache, budget
         self.rows = [(u, t) for u, seq in enumerate(split.train) for t in range(1, len(seq))]
+        if split.fresh_from is not None:
+            fresh = [split.is_fresh(u, t) for u, t in self.rows]
+            self.rows = [self.rows[i] for i in replay_sample(fresh, replay, seed)]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -169,7 +179,9 @@ class TwoTowerSet(Dataset):
 
 
 class RankingSet(Dataset):
-    """Evaluation users: history, held-out items and, in sampled mode, candidate negatives."""
+    """Evaluation rows: (user, history, held-out items, time) and, in sampled mode,
+    candidate negatives. One row per user, or per held-out interaction in a prequential
+    split (rolling), where `time` hides the items not yet born (`Split.born`)."""
 
     def __init__(
         self,
@@ -191,10 +203,22 @@ class RankingSet(Dataset):
         if rank_items is not None:
             self.outside = torch.ones(num_items, dtype=torch.bool)
             self.outside[rank_items] = False
-        self.users = split.eval_users(stage)
+        self.born = None
+        if split.born is not None:
+            self.born = torch.full((num_items,), float("inf"), dtype=torch.float64)
+            self.born[: len(split.born)] = torch.as_tensor(split.born, dtype=torch.float64)
+        self.rows = split.eval_rows(stage)
+        self.users = list(dict.fromkeys(user for user, _ in self.rows))
         # Sampled mode: a fixed candidate list per user (targets + `negatives` per target).
         self.candidates: dict[int, list[int]] | None = None
         if sampler is not None:
+            if split.prequential:
+                raise ConfigError(
+                    "data.eval_mode",
+                    "sampled",
+                    "full (or null) with data.split.method=rolling: each interaction is "
+                    "ranked among all the items that exist at its time",
+                )
             rng = np.random.default_rng(seed + STAGE_SEEDS[stage])
             self.candidates = {}
             for user in self.users:
@@ -206,22 +230,36 @@ class RankingSet(Dataset):
                 self.candidates[user] = targets + negs
 
     def __len__(self) -> int:
-        return len(self.users)
+        return len(self.rows)
 
     def __getitem__(self, index: int):
-        user = self.users[index]
-        return user, self.split.history(user, self.stage), self.split.targets(user, self.stage)
+        user, position = self.rows[index]
+        return self.split.eval_row(user, position, self.stage)
+
+    def new_item_rows(self) -> RankingSet:
+        """The same rows restricted to those whose held-out item is new (first seen in the
+        tested window: `Split.cold_items`), ranked exactly as in the whole set."""
+        view = copy.copy(self)
+        new = self.split.cold_items
+        view.rows = []
+        for user, position in self.rows:
+            targets = self.split.eval_row(user, position, self.stage)[2]
+            if targets and all(t in new for t in targets):
+                view.rows.append((user, position))
+        return view
 
     def masks(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
         """(relevant, exclude) boolean matrices [B, n_items] for these rows."""
         relevant = torch.zeros((len(rows), self.num_items), dtype=torch.bool)
         exclude = torch.zeros((len(rows), self.num_items), dtype=torch.bool)
-        for row, (user, history, targets) in enumerate(rows):
+        for row, (user, history, targets, time) in enumerate(rows):
             relevant[row, targets] = True
             if self.candidates is None:
                 exclude[row, history] = True
                 if self.outside is not None:
                     exclude[row] |= self.outside
+                if time is not None and self.born is not None:
+                    exclude[row] |= self.born > time  # not in the catalogue yet
             else:
                 exclude[row] = True
                 exclude[row, self.candidates[user]] = False
@@ -229,7 +267,7 @@ class RankingSet(Dataset):
 
     def collate(self, rows) -> RankingBatch:
         users = [
-            self.cache.layout.single(self.cache.history(h, self.budget))[0] for _, h, _ in rows
+            self.cache.layout.single(self.cache.history(h, self.budget))[0] for _, h, _, _ in rows
         ]
         user_ids, user_mask = pad(users, self.cache.pad_id)
         relevant, exclude = self.masks(rows)

@@ -44,7 +44,7 @@ class CandidateTitleSet(RankingSet):
 
     def collate(self, rows) -> CandidateBatch:
         pairs, query, items = [], [], []
-        for row, (user, history, _) in enumerate(rows):
+        for row, (user, history, _, _) in enumerate(rows):
             for item in self.candidates[user]:
                 pairs.append((history, item))
                 query.append(row)

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from recsys_lm.data.batches import SequenceBatch, pad
 from recsys_lm.data.datasets.examples import RankingSet
-from recsys_lm.data.split import Split
+from recsys_lm.data.split import Split, replay_sample
 from recsys_lm.data.text import TokenCache
 
 IGNORE = -100  # cross-entropy's ignore_index: no target at padding
@@ -33,11 +33,16 @@ def left_pad(sequences: list[list[int]], value: int = 0) -> tuple[torch.Tensor, 
 def windows(sequence: list[int], max_len: int) -> list[list[int]]:
     """Chunks of at most max_len + 1 items (inputs plus the shifted targets), taken from the
     end backwards, so long histories train on all their transitions, not just the last ones."""
+    return [sequence[start:end] for start, end in spans(len(sequence), max_len)]
+
+
+def spans(length: int, max_len: int) -> list[tuple[int, int]]:
+    """(start, end) of each chunk `windows` cuts from a sequence of this length."""
     out = []
-    end = len(sequence)
+    end = length
     while end >= 2:
         start = max(0, end - max_len - 1)
-        out.append(sequence[start:end])
+        out.append((start, end))
         end = start + 1 if start > 0 else 0
     return out
 
@@ -45,9 +50,22 @@ def windows(sequence: list[int], max_len: int) -> list[list[int]]:
 class SequenceSet(Dataset):
     """Training windows of every user's training sequence: predict each next item."""
 
-    def __init__(self, split: Split, max_len: int, cache: TokenCache | None = None) -> None:
+    def __init__(
+        self,
+        split: Split,
+        max_len: int,
+        cache: TokenCache | None = None,
+        replay: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        """With `split.fresh_from` (a refresh): the windows whose last target is fresh plus
+        a `replay` x as large seeded sample of the older ones."""
         self.max_len, self.cache = max_len, cache
-        self.rows = [w for seq in split.train for w in windows(seq, max_len)]
+        cut = [(u, a, b) for u, seq in enumerate(split.train) for a, b in spans(len(seq), max_len)]
+        if split.fresh_from is not None:
+            fresh = [split.is_fresh(u, b - 1) for u, _, b in cut]
+            cut = [cut[i] for i in replay_sample(fresh, replay, seed)]
+        self.rows = [split.train[u][a:b] for u, a, b in cut]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -79,7 +97,7 @@ class SequenceRankingSet(RankingSet):
         self.max_len = max_len
 
     def collate(self, rows) -> SequenceBatch:
-        items, mask = left_pad([history[-self.max_len :] for _, history, _ in rows])
+        items, mask = left_pad([history[-self.max_len :] for _, history, _, _ in rows])
         relevant, exclude = self.masks(rows)
         return SequenceBatch(
             items,

@@ -1,0 +1,167 @@
+"""`python -m recsys_lm.rolling experiment=refresh_video`: the rolling time protocol, end to end.
+
+For each window k of `data.split` (method=rolling) it measures three models on window k,
+each interaction ranked given the history up to it (prequential):
+
+  stale      the model trained for window 0, never updated (only its inputs grow)
+  refreshed  window k-1's refreshed model, fine-tuned by `python -m recsys_lm.refresh
+             window=k` (warm start, fresh data + replay, `rolling.refresh.*`)
+  retrained  trained from scratch on everything before window k (`data.split.window=k`)
+
+plus the baselines of the retrain runs (an ID-only model among them), and the same metrics
+over the window's new-item events. Wall times of each retrain and refresh are recorded.
+Writes `<run>/rolling.json` and `<run>/rolling.md` (one table per metric). Each step's run
+folder is kept: a rerun skips the finished steps (an interrupted protocol resumes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra import compose
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from recsys_lm import refresh as refresh_entry
+from recsys_lm import train as train_entry
+from recsys_lm.build import evaluate_saved
+from recsys_lm.data.prepared import NEW_ITEMS
+from recsys_lm.durable import atomic_write_text
+from recsys_lm.errors import ConfigError
+
+log = logging.getLogger("recsys_lm.rolling")
+STAGES = ("test", NEW_ITEMS)
+
+
+def retrain(cfg: DictConfig, window: int, folder: Path) -> dict[str, Any]:
+    """Train from scratch for `window` in `folder` (or read the finished run)."""
+    if (folder / "metrics.json").is_file():
+        return json.loads((folder / "metrics.json").read_text())
+    run_cfg = cfg.copy()
+    with open_dict(run_cfg):
+        run_cfg.data.split.window = window
+        run_cfg.paths.output_dir = str(folder)
+        run_cfg.pop("rolling", None)
+    (folder / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(run_cfg, folder / ".hydra" / "config.yaml")
+    return train_entry.train(run_cfg)
+
+
+def refresh_window(cfg: DictConfig, parent: Path, window: int, folder: Path) -> dict[str, Any]:
+    """Refresh `parent` for `window` into `folder` (or read the finished refresh)."""
+    overrides = [f"run={parent}", f"window={window}", f"out={folder}"]
+    for key, value in OmegaConf.to_container(cfg.rolling.refresh, resolve=True).items():
+        overrides.append(f"{key}={json.dumps(value) if isinstance(value, dict) else value}")
+    refresh_cfg = compose("refresh", overrides=_flat(overrides))
+    with open_dict(refresh_cfg):
+        refresh_cfg.paths.output_dir = str(folder)
+    return refresh_entry.refresh(refresh_cfg)
+
+
+def _flat(overrides: list[str]) -> list[str]:
+    """`budget={"max_epochs": 10}` -> `budget.max_epochs=10` (Hydra's override grammar)."""
+    out = []
+    for item in overrides:
+        key, value = item.split("=", 1)
+        if value.startswith("{"):
+            out += [f"{key}.{k}={v}" for k, v in json.loads(value).items()]
+        else:
+            out.append(f"{key}={'null' if value == 'None' else value}")
+    return out
+
+
+def protocol(cfg: DictConfig) -> dict[str, Any]:
+    split = cfg.data.split
+    if split.method != "rolling":
+        raise ConfigError("data.split.method", split.method, "rolling (the rolling protocol)")
+    out = Path(cfg.paths.output_dir)
+    rows = []
+    stale_model = refreshed = None
+    for window in range(int(split.windows)):
+        retrained = retrain(cfg, window, out / f"retrain-w{window}")
+        row = {
+            "window": window,
+            "protocol": retrained["protocol"]["rolling"],
+            "new_item_share": retrained["protocol"].get("new_item_share"),
+            "retrained": _scores(retrained),
+            "retrain_fit_s": retrained["timing"]["fit_s"],
+            "retrain_total_s": retrained["timing"]["total_s"],
+            "baselines": retrained["baselines"],
+        }
+        if window == 0:
+            stale_model = refreshed = out / "retrain-w0"
+            row["stale"] = row["refreshed"] = row["retrained"]
+        else:
+            run_cfg = OmegaConf.load(out / f"retrain-w{window}" / ".hydra" / "config.yaml")
+            row["stale"] = evaluate_saved(stale_model / "model", run_cfg, STAGES)
+            record = refresh_window(cfg, refreshed, window, out / f"refresh-w{window}")
+            row["refreshed"] = {
+                "test": record["metrics"]["test"],
+                NEW_ITEMS: record["metrics"].get(NEW_ITEMS),
+            }
+            row["refresh_fit_s"] = record["timing"]["fit_s"]
+            row["refresh_total_s"] = record["timing"]["total_s"]
+            row["refresh_gate"] = record["gate"]
+            refreshed = out / f"refresh-w{window}"
+        rows.append(row)
+        atomic_write_text(out / "rolling.json", json.dumps(rows, indent=2))
+    atomic_write_text(out / "rolling.md", table(rows, int(cfg.data.k)))
+    return {"windows": rows}
+
+
+def _scores(result: dict) -> dict:
+    return {"test": result["test"], NEW_ITEMS: result.get(NEW_ITEMS)}
+
+
+def table(rows: list[dict], k: int) -> str:
+    """Markdown: per window, NDCG@k of stale / refreshed / retrained (all events and
+    new-item events), the ID-only and popularity baselines, and the wall times."""
+    metric = f"ndcg@{k}"
+
+    def get(scores: dict | None, stage: str = "test") -> str:
+        value = ((scores or {}).get(stage) or {}).get(metric)
+        return "n/a" if value is None else f"{value:.4f}"
+
+    lines = [
+        f"| window | test events (new-item share) | stale {metric} | refreshed | retrained | "
+        f"refreshed / retrained | new-item {metric}: stale / refreshed / retrained | "
+        f"ID-SASRec (all / new items) | popularity (all / new) | refresh fit s | retrain fit s |",
+        "|---" * 11 + "|",
+    ]
+    for row in rows:
+        base = row["baselines"]
+        ratio = _ratio(row["refreshed"], row["retrained"], metric)
+        lines.append(
+            f"| {row['window']} | {row['protocol']['test_interactions']:,} "
+            f"({(row['new_item_share'] or 0):.1%}) | {get(row['stale'])} | "
+            f"{get(row['refreshed'])} | {get(row['retrained'])} | {ratio} | "
+            f"{get(row['stale'], NEW_ITEMS)} / {get(row['refreshed'], NEW_ITEMS)} / "
+            f"{get(row['retrained'], NEW_ITEMS)} | {get(base.get('sasrec'))} / "
+            f"{get(base.get('sasrec'), NEW_ITEMS)} | {get(base.get('popularity'))} / "
+            f"{get(base.get('popularity'), NEW_ITEMS)} | {row.get('refresh_fit_s', '-')} | "
+            f"{row['retrain_fit_s']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(a: dict, b: dict, metric: str) -> str:
+    x, y = (a.get("test") or {}).get(metric), (b.get("test") or {}).get(metric)
+    return "n/a" if not x or not y else f"{x / y:.3f}"
+
+
+@hydra.main(version_base="1.3", config_path=train_entry.CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    try:
+        result = protocol(cfg)
+    except train_entry.USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(table(result["windows"], int(cfg.data.k)))
+
+
+if __name__ == "__main__":
+    main()

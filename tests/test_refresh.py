@@ -1,0 +1,291 @@
+"""`python -m recsys_lm.refresh`: a served model refreshed from the service's event log, gated,
+versioned, promoted and hot-reloaded; a bad refresh refused; a killed one leaving nothing
+behind and using the same events when run again; the rolling protocol's window refresh."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+import uvicorn
+from omegaconf import DictConfig
+
+from recsys_lm.refresh import Plan, RefreshError, find_parent, gate, refresh
+from recsys_lm.registry import Registry
+from recsys_lm.serving.store import Event, open_store
+from tests.conftest import CONFIG_DIR, ROOT, export_config, train_run
+from tests.serving.service import free_port
+
+PARENT = [
+    "head=sequential",
+    "peft=none",
+    "freeze=head_only",
+    "trainer.max_steps=60",
+    "trainer.max_epochs=30",
+    "optim.head_lr=3e-3",
+]
+T0 = 1_800_000_000  # events come after the sample data (2020): new to the parent
+
+
+def refresh_config(tmp_path: Path, overrides: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("refresh", overrides=overrides)
+    cfg.paths.output_dir = str(tmp_path / "hydra")
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory) -> Path:
+    """A tiny sequential model trained on the sample data, exported (eager)."""
+    from recsys_lm.export import export
+
+    run_dir = train_run(tmp_path_factory.mktemp("parent"), PARENT)
+    out = run_dir / "export"
+    export(export_config(run_dir, [f"out={out}", "flavours=[]", "parity.users=5"]))
+    return out
+
+
+def new_registry(folder: Path, export: Path) -> Registry:
+    registry = Registry(folder / "registry")
+    registry.register(export)
+    registry.promote("v0001", "first")
+    return registry
+
+
+def predicted_events(export: Path, count: int) -> list[dict]:
+    """Events the parent foresees: round the users, each taking the parent's top pick for
+    its history so far. The parent ranks every one of them first (held-out NDCG@10 1.0),
+    so a refresh that breaks the model shows at once."""
+    from recsys_lm.build import load_run
+
+    run = load_run(json.loads((export / "manifest.json").read_text())["source_run"])
+    data = run.data
+    users = list(range(min(20, len(data.user_ids))))
+    histories = {u: data.history(u) for u in users}
+    events = []
+    for n in range(count):
+        user = users[n % len(users)]
+        (item,) = run.model.recommend(histories[user], k=1).items
+        histories[user].append(item)
+        events.append(
+            {"user": str(data.user_ids[user]), "item": str(data.item_ids[item]), "time": T0 + n}
+        )
+    return events
+
+
+def append(url: str, events: list[dict]) -> list[int]:
+    store = open_store(url)
+    try:
+        return store.append([Event(e["user"], e["item"], e["time"]) for e in events])
+    finally:
+        store.close()
+
+
+def test_the_gate_promotes_within_the_margin_and_says_why():
+    cfg = refresh_config(Path("/tmp"), ["run=x", "gate.margin=0.05"])
+    result = {"test": {"ndcg@10": 0.096}, "protocol": {"monitor": "val/ndcg@10"}}
+    passed = gate(cfg, result, {"ndcg@10": 0.1})
+    assert passed["decision"] == "promote" and passed["change"] == pytest.approx(-0.04)
+    assert "0.0960 vs current 0.1000 (-4.00%)" in passed["reason"]
+    failed = gate(cfg, {**result, "test": {"ndcg@10": 0.094}}, {"ndcg@10": 0.1})
+    assert failed["decision"] == "reject" and "worse than the allowed 5.0%" in failed["reason"]
+    with pytest.raises(RefreshError, match="gate.metric=auroc"):
+        cfg.gate.metric = "auroc"
+        gate(cfg, result, {"ndcg@10": 0.1})
+
+
+@pytest.mark.slow
+def test_served_model_is_refreshed_promoted_and_hot_reloaded_without_a_failed_request(
+    parent, tmp_path
+):
+    """Acceptance: serve `<registry>/current`, post events, refresh from the event log: the
+    new version is promoted, the service reloads it and /recommend names it; requests sent
+    all along never fail; a rollback brings the previous version back into the service."""
+    from recsys_lm.serve import model_loader
+    from recsys_lm.serving.app import ServiceSettings, create_app
+
+    registry = new_registry(tmp_path, parent)
+    url = f"sqlite:///{tmp_path / 'events.db'}"
+    source = {
+        "export": str(registry.root / "current"),
+        "flavour": "eager",
+        "rerank": None,
+        "rerank_flavour": "eager",
+        "n": 100,
+        "threads": None,
+    }
+    loader = model_loader(source, {"backend": "exact", "options": {}})
+    app = create_app(ServiceSettings(), loader, open_store(url), source=source, close_store=True)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    )
+    threading.Thread(target=server.run, daemon=True).start()
+    base = f"http://127.0.0.1:{port}"
+    versions = [registry.record("v0001")["model_version"]]
+    answers: list[tuple[int, str | None]] = []
+    stop = threading.Event()
+
+    def keep_asking() -> None:  # bounded: stops with the test, at most 5 minutes
+        deadline = time.monotonic() + 300
+        with httpx.Client(base_url=base, timeout=30) as client:
+            while not stop.is_set() and time.monotonic() < deadline:
+                reply = client.post("/recommend", json={"user": user, "k": 5})
+                answers.append((reply.status_code, reply.json().get("model_version")))
+
+    try:
+        wait_for(base)
+        events = predicted_events(parent, 300)
+        user = events[0]["user"]
+        with httpx.Client(base_url=base, timeout=30) as client:
+            for chunk in range(0, len(events), 50):
+                body = {"events": events[chunk : chunk + 50]}
+                assert client.post("/events", json=body).status_code == 200
+        asker = threading.Thread(target=keep_asking, daemon=True)
+        asker.start()
+        cfg = refresh_config(
+            tmp_path,
+            [
+                f"run={registry.root / 'current'}",
+                f"events={url}",
+                f"registry={registry.root}",
+                f"service={base}",
+                "gate.margin=0.5",
+            ],
+        )
+        record = refresh(cfg)
+        time.sleep(0.5)  # a few requests on the new model
+        assert record["version"] == "v0002" and record["promoted"], record["gate"]
+        assert record["plan"]["seq_from"] == 0 and record["plan"]["seq_to"] == 300
+        assert record["watermark"] == {"seq": 300, "newest": T0 + 299}
+        assert registry.current() == "v0002"
+        versions.append(registry.record("v0002")["model_version"])
+        assert versions[0] != versions[1]
+        with httpx.Client(base_url=base, timeout=30) as client:
+            reply = client.post("/recommend", json={"user": user, "k": 5}).json()
+            assert reply["model_version"] == versions[1]
+            registry.rollback("test rollback")
+            assert client.post("/admin/reload").status_code == 200
+            back = client.post("/recommend", json={"user": user, "k": 5}).json()
+            assert back["model_version"] == versions[0]
+    finally:
+        stop.set()
+        server.should_exit = True
+    assert answers and all(status == 200 for status, _ in answers), answers[:3]
+    seen = [v for _, v in answers]
+    assert set(seen) <= set(versions) and seen[0] == versions[0] and versions[1] in seen
+    record = registry.record("v0002")
+    assert record["parent"] == "v0001" and record["watermark"] == 300
+    assert record["gate"]["decision"] == "promote" and record["refresh"]["plan"]["new_rows"] == 300
+
+
+def wait_for(base: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("service not ready")
+
+
+@pytest.mark.slow
+def test_a_refresh_with_a_learning_rate_1000x_too_high_is_not_promoted(parent, tmp_path):
+    registry = new_registry(tmp_path, parent)
+    url = f"sqlite:///{tmp_path / 'events.db'}"
+    append(url, predicted_events(parent, 300))
+    cfg = refresh_config(
+        tmp_path,
+        [
+            f"run={registry.root / 'current'}",
+            f"events={url}",
+            f"registry={registry.root}",
+            "lr=3.0",  # the parent trained at 3e-3
+        ],
+    )
+    record = refresh(cfg)
+    assert record["gate"]["decision"] == "reject" and not record["promoted"]
+    assert record["gate"]["new"] < record["gate"]["current"] * 0.99
+    assert "worse than the allowed 1.0%" in record["gate"]["reason"]
+    assert registry.current() == "v0001" and registry.names() == ["v0001", "v0002"]
+    assert registry.record("v0002")["gate"] == record["gate"]
+    assert [e["to"] for e in registry.history()] == ["v0001"]
+
+
+@pytest.mark.slow
+def test_a_killed_refresh_changes_nothing_and_reruns_on_the_same_events(parent, tmp_path):
+    """Acceptance: SIGKILL mid fine-tune leaves `current` and the versions as they were;
+    events logged after the kill wait for the next refresh: the rerun reads exactly the
+    planned range (watermark), the next refresh starts after it."""
+    registry = new_registry(tmp_path, parent)
+    url = f"sqlite:///{tmp_path / 'events.db'}"
+    events = predicted_events(parent, 400)
+    append(url, events[:300])
+    marker = tmp_path / "killed"
+    args = [
+        f"run={registry.root / 'current'}",
+        f"events={url}",
+        f"registry={registry.root}",
+        "gate.margin=0.5",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+    ]
+    kill = (
+        "overrides=['+callbacks.killer._target_=tests.killer.KillAt',"
+        f"'+callbacks.killer.step=3','+callbacks.killer.marker={marker}']"
+    )
+    first = subprocess.run(
+        [sys.executable, "-m", "recsys_lm.refresh", *args, kill], cwd=ROOT, capture_output=True
+    )
+    assert first.returncode == -9 and marker.read_text() == "3", first.stderr[-2000:]
+    assert registry.current() == "v0001" and registry.names() == ["v0001"]
+    (folder,) = (registry.root / "refresh").iterdir()
+    planned = Plan(**json.loads((folder / "plan.json").read_text()))
+    assert (planned.seq_from, planned.seq_to, planned.new_rows) == (0, 300, 300)
+
+    append(url, events[300:])  # logged after the kill: not this refresh's
+    again = subprocess.run(
+        [sys.executable, "-m", "recsys_lm.refresh", *args, kill], cwd=ROOT, capture_output=True
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "version v0002 promoted" in again.stdout.decode()
+    record = json.loads((folder / "refresh.json").read_text())
+    assert record["plan"] == json.loads((folder / "plan.json").read_text())
+    assert record["watermark"]["seq"] == 300 and registry.current() == "v0002"
+    assert len(pd.read_parquet(folder / "events.parquet")) == 300
+
+    cfg = refresh_config(
+        tmp_path,
+        [f"run={registry.root / 'current'}", f"events={url}", f"registry={registry.root}"],
+    )
+    cfg.gate.margin = 0.5
+    next_one = refresh(cfg)
+    assert next_one["plan"]["seq_from"] == 300 and next_one["plan"]["seq_to"] == 400
+    assert next_one["promoted"] and find_parent(registry.root / "current").seq == 400
+    logged = pd.read_parquet(Path(next_one["folder"]) / "events.parquet")
+    assert len(logged) == 400  # every logged interaction so far, each once
+
+
+def test_nothing_new_is_an_error_that_names_the_watermark(parent, tmp_path):
+    """A file with no row newer than the parent's data: refused, nothing registered."""
+    registry = new_registry(tmp_path, parent)
+    old = tmp_path / "old.csv"
+    pd.DataFrame({"user_id": ["u1"], "item_id": ["x"], "timestamp": [5]}).to_csv(old, index=False)
+    cfg = refresh_config(
+        tmp_path, [f"run={registry.root / 'current'}", f"events={old}", f"registry={registry.root}"]
+    )
+    with pytest.raises(RefreshError, match="nothing new after the parent's watermark"):
+        refresh(cfg)
+    assert registry.names() == ["v0001"] and registry.current() == "v0001"
