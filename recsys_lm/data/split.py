@@ -267,8 +267,9 @@ def window_bounds(
         return [last - (windows - k) * span for k in range(windows)] + [last]
     if not 0 < initial_ratio < 1:
         raise ConfigError("data.split.initial_ratio", initial_ratio, "a fraction between 0 and 1")
+    ordered = np.sort(times)
     shares = [initial_ratio + k * (1 - initial_ratio) / windows for k in range(windows)]
-    return [float(t) for t in np.quantile(times, shares, method="lower")] + [last]
+    return [float(ordered[min(len(ordered) - 1, int(q * len(ordered)))]) for q in shares] + [last]
 
 
 def rolling(
