@@ -53,6 +53,8 @@ def retrain(cfg: DictConfig, window: int, folder: Path) -> dict[str, Any]:
 
 def refresh_window(cfg: DictConfig, parent: Path, window: int, folder: Path) -> dict[str, Any]:
     """Refresh `parent` for `window` into `folder` (or read the finished refresh)."""
+    if (folder / refresh_entry.RECORD).is_file():
+        return json.loads((folder / refresh_entry.RECORD).read_text())
     overrides = [f"run={parent}", f"window={window}", f"out={folder}"]
     for key, value in OmegaConf.to_container(cfg.rolling.refresh, resolve=True).items():
         overrides.append(f"{key}={json.dumps(value) if isinstance(value, dict) else value}")

@@ -1,0 +1,48 @@
+"""`python -m recsys_lm.rolling`: stale, refreshed and retrained models on every window."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hydra import initialize_config_dir
+
+from recsys_lm.data.prepared import NEW_ITEMS
+from recsys_lm.rolling import protocol
+from tests.conftest import CONFIG_DIR, make_config
+
+
+@pytest.mark.slow
+def test_each_window_has_stale_refreshed_and_retrained_scores(tmp_path):
+    cfg = make_config(
+        tmp_path,
+        [
+            "experiment=refresh_video",
+            "data=sample_video",
+            "backbone=tiny_bert",
+            "data.split.windows=3",
+            "baselines=[popularity]",
+            "export_model=true",
+            "rolling.refresh.budget.max_epochs=1",
+        ],
+    )
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        rows = protocol(cfg)["windows"]
+    assert [row["window"] for row in rows] == [0, 1, 2]
+    assert rows[0]["stale"] == rows[0]["refreshed"] == rows[0]["retrained"]
+    for row in rows[1:]:
+        for model in ("stale", "refreshed", "retrained"):
+            assert set(row[model]) == {"test", NEW_ITEMS} and "ndcg@10" in row[model]["test"]
+        assert row["refresh_fit_s"] > 0 and row["retrain_fit_s"] > 0
+        assert row["baselines"]["popularity"]["test"]["ndcg@10"] > 0
+    # the chain: window 2's refresh starts from window 1's refreshed model
+    second = json.loads((tmp_path / "refresh-w2" / "refresh.json").read_text())
+    assert second["parent"] == "refresh-w1" and second["plan"]["window"] == 2
+    first = json.loads((tmp_path / "refresh-w1" / "refresh.json").read_text())
+    assert second["data_window"][0] == first["cutoff"]  # fresh = after its parent's data
+    bounds = rows[2]["protocol"]["bounds"]
+    assert rows[2]["protocol"]["window"] == 2 and bounds[2] < bounds[3]
+    table = (tmp_path / "rolling.md").read_text().splitlines()
+    assert len(table) == 2 + 3 and table[3].startswith("| 1 |")
+    again = protocol(cfg)["windows"]  # finished steps are read, not run again
+    assert again[2]["refreshed"] == rows[2]["refreshed"]
