@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -65,6 +66,10 @@ PAGE = 10_000  # events read from the log per call
 
 class RefreshError(RecsysLMError):
     """A refresh that cannot be carried out (the message says why)."""
+
+
+class NothingNew(RefreshError):
+    """No interaction after the parent's watermark: nothing to do (not a failure)."""
 
 
 @dataclass
@@ -173,7 +178,7 @@ def _read_new(cfg: DictConfig, parent: Parent) -> tuple[pd.DataFrame, Plan]:
         frame = rows[times > parent.newest]
         plan = Plan(parent.name, "file", seq_from=parent.seq, seq_to=parent.seq)
     if frame.empty:
-        raise RefreshError(
+        raise NothingNew(
             f"events={source}: nothing new after the parent's watermark "
             f"(seq {parent.seq}, newest time {parent.newest}): nothing to refresh"
         )
@@ -248,7 +253,6 @@ def child_config(cfg: DictConfig, parent: Parent, plan: Plan, folder: Path) -> D
         child.resume = None
         child.export_model = True
         child.baselines = list(cfg.baselines)
-        child.task_name = "refresh"
         child.paths.output_dir = str(folder.resolve())
         for key, value in cfg.budget.items():
             child.trainer[key] = value
@@ -346,6 +350,7 @@ def refresh(cfg: DictConfig) -> dict[str, Any]:
     }
     if cfg.registry:
         _version(cfg, parent, folder, record)
+    log_lineage(child, parent, folder, record)
     atomic_write_text(folder / RECORD, json.dumps(record, indent=2))
     log.info("refresh %s: %s (%s)", folder, decision["decision"], decision["reason"])
     return record
@@ -400,6 +405,40 @@ def _version(cfg: DictConfig, parent: Parent, folder: Path, record: dict) -> Non
             record["reload"] = reg.reload_service(cfg.service)
 
 
+def log_lineage(child: DictConfig, parent: Parent, folder: Path, record: dict) -> None:
+    """With W&B logging on (the parent's `logger.wandb`): one `refresh` run that logs the
+    new model as an artifact (aliases: its registry version and the gate's outcome) and,
+    online, uses the parent's model artifact, so W&B's lineage graph shows every version's
+    ancestry. W&B cannot use artifacts offline: there the metadata names the parent."""
+    node = (child.get("logger") or {}).get("wandb")
+    if node is None:
+        return
+    import wandb
+
+    name = f"{child.task_name}-model"  # the original run's task name: one name per chain
+    offline = bool(node.offline) or os.environ.get("WANDB_MODE") == "offline"
+    run = wandb.init(
+        project=node.project,
+        name=f"refresh-{record['version'] or folder.name}",
+        job_type="refresh",
+        dir=str(folder),
+        mode="offline" if offline else "online",
+        config={"gate": record["gate"], "plan": record["plan"]},
+    )
+    try:
+        if not offline:
+            used = wandb.Artifact(name, type="model", metadata={"version": parent.version})
+            used.add_dir(str(parent.model_dir))
+            run.use_artifact(used)
+        keep = ("gate", "watermark", "data_window", "metrics", "parent", "parent_run")
+        made = wandb.Artifact(name, type="model", metadata={k: record[k] for k in keep})
+        made.add_dir(str(folder / "model"))
+        state = "promoted" if record["promoted"] else record["gate"]["decision"]
+        run.log_artifact(made, aliases=[record["version"] or folder.name, state])
+    finally:
+        run.finish()
+
+
 def _registered(registry: reg.Registry, folder: Path) -> str | None:
     """The version a killed refresh already registered from this folder, if any."""
     source = str((folder / "export").resolve())
@@ -423,9 +462,13 @@ USER_ERRORS = (RecsysLMError, InstantiationException, OmegaConfBaseException)
 
 
 def run(cfg: DictConfig) -> dict | int:
-    """`refresh(cfg)`, with a user's mistake as one `error: ...` line and exit status 2."""
+    """`refresh(cfg)`, with a user's mistake as one `error: ...` line and exit status 2;
+    nothing new since the watermark is exit status 0 (a scheduled run may find nothing)."""
     try:
         record = refresh(cfg)
+    except NothingNew as idle:  # a scheduled run with nothing to do has not failed
+        print(f"nothing to refresh: {idle}", file=sys.stderr)
+        return 0
     except USER_ERRORS as err:
         cause = err.__cause__ if isinstance(err.__cause__, RecsysLMError) else err
         print(f"error: {cause}", file=sys.stderr)

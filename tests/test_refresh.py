@@ -17,7 +17,7 @@ import pytest
 import uvicorn
 from omegaconf import DictConfig
 
-from recsys_lm.refresh import Plan, RefreshError, find_parent, gate, refresh
+from recsys_lm.refresh import NothingNew, Plan, RefreshError, find_parent, gate, refresh, run
 from recsys_lm.registry import Registry
 from recsys_lm.serving.store import Event, open_store
 from tests.conftest import CONFIG_DIR, ROOT, export_config, train_run
@@ -64,12 +64,18 @@ def new_registry(folder: Path, export: Path) -> Registry:
 
 
 def predicted_events(export: Path, count: int) -> list[dict]:
+    """Events the parent foresees (see predicted_events_of_run), for an export."""
+    run_dir = json.loads((export / "manifest.json").read_text())["source_run"]
+    return predicted_events_of_run(run_dir, count)
+
+
+def predicted_events_of_run(run_dir: Path | str, count: int) -> list[dict]:
     """Events the parent foresees: round the users, each taking the parent's top pick for
     its history so far. The parent ranks every one of them first (held-out NDCG@10 1.0),
     so a refresh that breaks the model shows at once."""
     from recsys_lm.build import load_run
 
-    run = load_run(json.loads((export / "manifest.json").read_text())["source_run"])
+    run = load_run(run_dir)
     data = run.data
     users = list(range(min(20, len(data.user_ids))))
     histories = {u: data.history(u) for u in users}
@@ -278,14 +284,50 @@ def test_a_killed_refresh_changes_nothing_and_reruns_on_the_same_events(parent, 
     assert len(logged) == 400  # every logged interaction so far, each once
 
 
-def test_nothing_new_is_an_error_that_names_the_watermark(parent, tmp_path):
-    """A file with no row newer than the parent's data: refused, nothing registered."""
+def test_nothing_new_is_no_failure_and_mistakes_are_one_error_line(parent, tmp_path, capsys):
+    """A file with no row newer than the parent's data: nothing done, exit status 0 (a
+    scheduled run may find nothing); a config mistake: exit status 2, nothing registered."""
     registry = new_registry(tmp_path, parent)
     old = tmp_path / "old.csv"
     pd.DataFrame({"user_id": ["u1"], "item_id": ["x"], "timestamp": [5]}).to_csv(old, index=False)
     cfg = refresh_config(
         tmp_path, [f"run={registry.root / 'current'}", f"events={old}", f"registry={registry.root}"]
     )
-    with pytest.raises(RefreshError, match="nothing new after the parent's watermark"):
+    with pytest.raises(NothingNew, match="nothing new after the parent's watermark"):
         refresh(cfg)
+    assert run(cfg) == 0 and "nothing to refresh" in capsys.readouterr().err
+    both = refresh_config(
+        tmp_path, [f"run={registry.root / 'current'}", f"events={old}", "window=2"]
+    )
+    assert run(both) == 2 and "`events`" in capsys.readouterr().err
+    missing = refresh_config(tmp_path, [f"run={tmp_path / 'nowhere'}", f"events={old}"])
+    assert run(missing) == 2 and "not a training run" in capsys.readouterr().err
     assert registry.names() == ["v0001"] and registry.current() == "v0001"
+
+
+@pytest.mark.wandb
+@pytest.mark.slow
+def test_with_wandb_logging_the_refresh_logs_model_lineage(tmp_path, monkeypatch):
+    """The refresh run uses the parent's model artifact and logs the new one (offline)."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = train_run(tmp_path / "parent", [*PARENT, "logger=wandb", "trainer.max_steps=8"])
+    events = tmp_path / "events.csv"
+    frame = pd.DataFrame(predicted_events_of_run(run_dir, 60))
+    frame.rename(columns={"user": "user_id", "item": "item_id", "time": "timestamp"}).to_csv(
+        events, index=False
+    )
+    cfg = refresh_config(tmp_path, [f"run={run_dir}", f"events={events}", f"out={tmp_path / 'r'}"])
+    record = refresh(cfg)
+    # W&B's service process may still be writing the record after finish(): poll a while
+    deadline, lineage = time.monotonic() + 30, []
+    while not lineage and time.monotonic() < deadline:
+        runs = [p for p in (tmp_path / "r" / "wandb").glob("offline-run-*") if p.is_dir()]
+        files = [f.read_bytes() for p in runs for f in p.glob("run-*.wandb")]
+        lineage = [f for f in files if b"refresh-" in f and b"parent_run" in f]
+        time.sleep(0.2)
+    assert lineage and record["plan"]["new_rows"] == 60
+    logged = lineage[-1]  # the new model's artifact, its parent named in its metadata
+    assert b"train-model" in logged and str(run_dir).encode() in logged
+    assert record["gate"]["decision"].encode() in logged
