@@ -84,7 +84,7 @@ class LastState(nn.Module):
 
 class SequentialHead(Head):
     task = "sequential"
-    data_sized = ("ids.weight", "text_table")
+    data_sized = ("ids.weight", "text_table", "id_known")
 
     def __init__(
         self,
@@ -125,6 +125,11 @@ class SequentialHead(Head):
         # Backbone text embedding of every item [n_items, hidden]; saved with the model, so a
         # served model needs no backbone pass per request.
         self.register_buffer("text_table", torch.zeros(0, hidden_size if text else 0))
+        # Which items had training interactions when the model last trained: with text, only
+        # their ID vectors are used. An unseen item's ID vector never met a positive, only
+        # the softmax's push-down, so it would bury a new item that its text can place.
+        self.register_buffer("id_known", torch.zeros(0, dtype=torch.bool))
+        self._trained_items: torch.Tensor | None = None
         self._eval_table: torch.Tensor | None = None
         # A compiled user side (use_query_network), set past nn.Module.__setattr__: an
         # onnxruntime graph is not a submodule and holds nothing to train or save.
@@ -141,6 +146,9 @@ class SequentialHead(Head):
         if self.use_ids:
             init = lambda t: nn.init.normal_(t, std=self.dim**-0.5)  # noqa: E731
             self.resize("ids.weight", (data.num_items, self.dim), init)
+            # all known until training says otherwise (a model saved before this flag)
+            self.resize("id_known", (data.num_items,), lambda t: t.fill_(True))
+            self._trained_items = torch.as_tensor(data.item_counts > 0)
         if self.text:
             self.resize("text_table", (data.num_items, self.hidden_size))
 
@@ -164,9 +172,12 @@ class SequentialHead(Head):
         return torch.cat(parts)
 
     def on_fit_start(self, backbone: Backbone, items: Iterable[ItemBatch]) -> None:
-        """Cached mode embeds the catalogue once, on the training device, before step one."""
+        """Cached mode embeds the catalogue once, on the training device, before step one;
+        the items with training interactions are the ones whose ID vectors count."""
         if self.mode == "cached":
             self.cache_items(backbone, items)
+        if self.use_ids and self._trained_items is not None:
+            self.id_known.copy_(self._trained_items.to(self.id_known.device))
 
     def cache_items(self, backbone: Backbone, batches) -> None:
         """Compute the text table once (cached mode); a no-op when nothing reads text."""
@@ -181,7 +192,10 @@ class SequentialHead(Head):
         if self.text:
             out = self.project(text)
         if self.use_ids:
-            out = out + self.ids(index)
+            ids = self.ids(index)
+            if self.text and len(self.id_known):  # an unseen item is its text alone
+                ids = ids * self.id_known[index].unsqueeze(-1)
+            out = out + ids
         return out
 
     def table(self) -> torch.Tensor:
@@ -272,8 +286,11 @@ class SequentialHead(Head):
                 text[~known] = backbone(items.item_ids[new], items.item_mask[new]).float()
         out = self.project(text) if self.text else 0.0
         if self.use_ids:
-            ids = self.ids(index.clamp(max=max(self.num_items - 1, 0)))
-            out = out + ids * known.unsqueeze(-1)
+            clamped = index.clamp(max=max(self.num_items - 1, 0))
+            ids = self.ids(clamped) * known.unsqueeze(-1)
+            if self.text and len(self.id_known):
+                ids = ids * self.id_known[clamped].unsqueeze(-1)
+            out = out + ids
         return out
 
     @torch.no_grad()
