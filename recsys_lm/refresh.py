@@ -50,7 +50,7 @@ from recsys_lm import registry as reg
 from recsys_lm import train as train_entry
 from recsys_lm.build import check_config, evaluate_saved
 from recsys_lm.data.appended import read_interactions
-from recsys_lm.data.prepared import NEW_ITEMS, load_canonical
+from recsys_lm.data.prepared import EXTRA_TESTS, load_canonical
 from recsys_lm.durable import atomic_write_text, newest_checkpoint
 from recsys_lm.errors import ConfigError, RecsysLMError
 from recsys_lm.serving.store import open_store
@@ -328,7 +328,7 @@ def refresh(cfg: DictConfig) -> dict[str, Any]:
     plan = plan_refresh(cfg, parent, folder)
     child = child_config(cfg, parent, plan, folder)
     result, fit_wall = fine_tune(child, folder)
-    current = evaluate_saved(parent.model_dir, child, ("test", NEW_ITEMS))
+    current = evaluate_saved(parent.model_dir, child, ("test", *EXTRA_TESTS))
     decision = gate(cfg, result, current["test"])
     if plan.source == "window":  # its data ends with the window it was tested on
         plan.newest = int(result["protocol"]["rolling"]["bounds"][plan.window + 1]) - 1
@@ -340,7 +340,7 @@ def refresh(cfg: DictConfig) -> dict[str, Any]:
         "cutoff": result["protocol"]["rolling"]["val_start"],
         "watermark": {"seq": plan.seq_to, "newest": plan.newest},
         "data_window": [parent.cutoff, plan.newest],
-        "metrics": {k: result.get(k) for k in ("test", "val", NEW_ITEMS)},
+        "metrics": {k: result.get(k) for k in ("test", "val", *EXTRA_TESTS)},
         "current_metrics": current,
         "gate": decision,
         "wall_s": round(fit_wall, 2),

@@ -29,12 +29,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from recsys_lm import refresh as refresh_entry
 from recsys_lm import train as train_entry
 from recsys_lm.build import evaluate_saved
-from recsys_lm.data.prepared import NEW_ITEMS
+from recsys_lm.data.prepared import EXTRA_TESTS, NEW_AMONG_NEW, NEW_ITEMS
 from recsys_lm.durable import atomic_write_text
 from recsys_lm.errors import ConfigError
 
 log = logging.getLogger("recsys_lm.rolling")
-STAGES = ("test", NEW_ITEMS)
+STAGES = ("test", *EXTRA_TESTS)
 
 
 def retrain(cfg: DictConfig, window: int, folder: Path) -> dict[str, Any]:
@@ -89,8 +89,11 @@ def protocol(cfg: DictConfig) -> dict[str, Any]:
             "window": window,
             "protocol": retrained["protocol"]["rolling"],
             "new_item_share": retrained["protocol"].get("new_item_share"),
+            "new_item_rows": retrained["protocol"]["eval_rows"].get(NEW_ITEMS, 0),
+            "new_items": retrained["protocol"].get("new_items", 0),
             "retrained": _scores(retrained),
             "retrain_fit_s": retrained["timing"]["fit_s"],
+            "retrain_steps": retrained["timing"]["train_steps"],
             "retrain_total_s": retrained["timing"]["total_s"],
             "baselines": retrained["baselines"],
         }
@@ -101,11 +104,9 @@ def protocol(cfg: DictConfig) -> dict[str, Any]:
             run_cfg = OmegaConf.load(out / f"retrain-w{window}" / ".hydra" / "config.yaml")
             row["stale"] = evaluate_saved(stale_model / "model", run_cfg, STAGES)
             record = refresh_window(cfg, refreshed, window, out / f"refresh-w{window}")
-            row["refreshed"] = {
-                "test": record["metrics"]["test"],
-                NEW_ITEMS: record["metrics"].get(NEW_ITEMS),
-            }
+            row["refreshed"] = {stage: record["metrics"].get(stage) for stage in STAGES}
             row["refresh_fit_s"] = record["timing"]["fit_s"]
+            row["refresh_steps"] = record["timing"]["train_steps"]
             row["refresh_total_s"] = record["timing"]["total_s"]
             row["refresh_gate"] = record["gate"]
             refreshed = out / f"refresh-w{window}"
@@ -116,36 +117,57 @@ def protocol(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _scores(result: dict) -> dict:
-    return {"test": result["test"], NEW_ITEMS: result.get(NEW_ITEMS)}
+    return {stage: result.get(stage) for stage in STAGES}
 
 
 def table(rows: list[dict], k: int) -> str:
-    """Markdown: per window, NDCG@k of stale / refreshed / retrained (all events and
-    new-item events), the ID-only and popularity baselines, and the wall times."""
+    """Markdown, two tables: per window, NDCG@k of the stale / refreshed / retrained models
+    and the baselines over all events, with the compute; then over the new-item events,
+    ranked among all items and among the new ones."""
     metric = f"ndcg@{k}"
 
     def get(scores: dict | None, stage: str = "test") -> str:
         value = ((scores or {}).get(stage) or {}).get(metric)
         return "n/a" if value is None else f"{value:.4f}"
 
+    def models(row: dict, stage: str) -> list[str]:
+        base = row["baselines"]
+        return [get(row[m], stage) for m in ("stale", "refreshed", "retrained")] + [
+            get(base.get(b), stage) for b in ("sasrec", "popularity")
+        ]
+
+    names = "stale | refreshed | retrained | ID-SASRec | popularity"
     lines = [
-        f"| window | test events (new-item share) | stale {metric} | refreshed | retrained | "
-        f"refreshed / retrained | new-item {metric}: stale / refreshed / retrained | "
-        f"ID-SASRec (all / new items) | popularity (all / new) | refresh fit s | retrain fit s |",
-        "|---" * 11 + "|",
+        f"All test events, {metric}:",
+        "",
+        f"| window | events | {names} | refreshed / retrained | refresh: steps, fit s | "
+        "retrain: steps, fit s |",
+        "|---" * 10 + "|",
     ]
     for row in rows:
-        base = row["baselines"]
-        ratio = _ratio(row["refreshed"], row["retrained"], metric)
+        refresh = f"{row['refresh_steps']}, {row['refresh_fit_s']}" if row["window"] else "-"
         lines.append(
-            f"| {row['window']} | {row['protocol']['test_interactions']:,} "
-            f"({(row['new_item_share'] or 0):.1%}) | {get(row['stale'])} | "
-            f"{get(row['refreshed'])} | {get(row['retrained'])} | {ratio} | "
-            f"{get(row['stale'], NEW_ITEMS)} / {get(row['refreshed'], NEW_ITEMS)} / "
-            f"{get(row['retrained'], NEW_ITEMS)} | {get(base.get('sasrec'))} / "
-            f"{get(base.get('sasrec'), NEW_ITEMS)} | {get(base.get('popularity'))} / "
-            f"{get(base.get('popularity'), NEW_ITEMS)} | {row.get('refresh_fit_s', '-')} | "
-            f"{row['retrain_fit_s']} |"
+            f"| {row['window']} | {row['protocol']['test_interactions']:,} | "
+            + " | ".join(models(row, "test"))
+            + f" | {_ratio(row['refreshed'], row['retrained'], metric)} | {refresh} | "
+            f"{row['retrain_steps']}, {row['retrain_fit_s']} |"
+        )
+    lines += [
+        "",
+        f"New-item events (the item first seen in the window), {metric} among all items / "
+        "among the window's new items:",
+        "",
+        f"| window | new-item events (share) | new items | {names} |",
+        "|---" * 8 + "|",
+    ]
+    for row in rows:
+        cells = [
+            f"{a} / {b}"
+            for a, b in zip(models(row, NEW_ITEMS), models(row, NEW_AMONG_NEW), strict=True)
+        ]
+        lines.append(
+            f"| {row['window']} | {row['new_item_rows']:,} ({(row['new_item_share'] or 0):.1%}) | "
+            f"{row['new_items']:,} | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines) + "\n"
 

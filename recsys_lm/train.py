@@ -27,7 +27,7 @@ from recsys_lm.build import (
     check_config,
     warm_start,
 )
-from recsys_lm.data.prepared import NEW_ITEMS
+from recsys_lm.data.prepared import EXTRA_TESTS
 from recsys_lm.durable import (
     TrainingInterrupted,
     atomic_write_text,
@@ -156,14 +156,19 @@ def train(cfg: DictConfig) -> dict:
 
 def _new_item_metrics(trainer: L.Trainer, module, datamodule, best: str | None) -> dict:
     """Rolling protocol: the test metrics again over the rows whose item is new (first seen
-    in the tested window), as {"test_new_items": metrics}; {} for other splits."""
-    loader = datamodule.eval_dataloader(NEW_ITEMS)
-    if loader is None:
-        return {}
-    if not len(loader.dataset):
-        return {NEW_ITEMS: {}}
-    out = trainer.test(module, dataloaders=loader, ckpt_path=best, verbose=False)[0]
-    return {NEW_ITEMS: _strip(out, "test/")}
+    in the tested window), ranked among all items and among the new ones: {name: metrics}
+    for each of EXTRA_TESTS; {} for other splits."""
+    out = {}
+    for name in EXTRA_TESTS:
+        loader = datamodule.eval_dataloader(name)
+        if loader is None:
+            continue
+        if not len(loader.dataset):
+            out[name] = {}
+            continue
+        logged = trainer.test(module, dataloaders=loader, ckpt_path=best, verbose=False)[0]
+        out[name] = _strip(logged, "test/")
+    return out
 
 
 def _best_checkpoint(trainer: L.Trainer) -> str | None:

@@ -6,7 +6,7 @@ import logging
 
 from recsys_lm.baselines.evaluate import evaluate_scores
 from recsys_lm.baselines.registry import BASELINES
-from recsys_lm.data.prepared import NEW_ITEMS, PreparedData
+from recsys_lm.data.prepared import EXTRA_TESTS, PreparedData
 from recsys_lm.data.tasks import TASKS
 from recsys_lm.errors import ConfigError
 
@@ -28,7 +28,7 @@ def run_baselines(
             log.warning("baseline %s", out[name]["skipped"])
             continue
         baseline = BASELINES[name].build(data, **options.get(name, {}))
-        stages = [s for s in ("val", "test", NEW_ITEMS) if s in data.datasets]
+        stages = [s for s in ("val", "test", *EXTRA_TESTS) if s in data.datasets]
         out[name] = {stage: _evaluate(data, stage, baseline) for stage in stages}
     return out
 

@@ -33,8 +33,11 @@ log = logging.getLogger(__name__)
 SPLIT_ATTRS = ("rating", "behaviour")
 STAGES = ("train", "val", "test")
 # A prequential split's test rows whose item is new (first seen in the tested window), for
-# models and baselines alike: datasets[NEW_ITEMS], metrics.json `test_new_items`.
+# models and baselines alike: ranked among all items (datasets[NEW_ITEMS], metrics.json
+# `test_new_items`) and among the new items only (NEW_AMONG_NEW: the cold-start question).
 NEW_ITEMS = "test_new_items"
+NEW_AMONG_NEW = "test_new_items_among_new"
+EXTRA_TESTS = (NEW_ITEMS, NEW_AMONG_NEW)
 
 
 @dataclass
@@ -141,11 +144,16 @@ class PreparedData:
         return out
 
     def _prequential(self) -> dict:
-        """Rolling protocol: its windows, rows and the share of rows with a new item."""
+        """Rolling protocol: its windows, rows, the new items and their share of the rows."""
         if not self.split.prequential:
             return {}
         rows = {s: len(self.datasets[s]) for s in ("val", "test", NEW_ITEMS) if s in self.datasets}
-        out = {"prequential": True, "rolling": self.split.details, "eval_rows": rows}
+        out = {
+            "prequential": True,
+            "rolling": self.split.details,
+            "eval_rows": rows,
+            "new_items": len(self.split.cold_items),  # what NEW_AMONG_NEW ranks among
+        }
         if rows.get("test"):
             out["new_item_share"] = rows.get(NEW_ITEMS, 0) / rows["test"]
         return out
@@ -231,6 +239,7 @@ def prepare(
     test = prepared.datasets["test"]
     if split.prequential and isinstance(test, RankingSet):
         prepared.datasets[NEW_ITEMS] = test.new_item_rows()
+        prepared.datasets[NEW_AMONG_NEW] = test.new_item_rows(among_new=True)
     return prepared
 
 

@@ -236,9 +236,10 @@ class RankingSet(Dataset):
         user, position = self.rows[index]
         return self.split.eval_row(user, position, self.stage)
 
-    def new_item_rows(self) -> RankingSet:
+    def new_item_rows(self, among_new: bool = False) -> RankingSet:
         """The same rows restricted to those whose held-out item is new (first seen in the
-        tested window: `Split.cold_items`), ranked exactly as in the whole set."""
+        tested window: `Split.cold_items`), ranked exactly as in the whole set or, with
+        `among_new`, among the new items alone (which new item will the user take?)."""
         view = copy.copy(self)
         new = self.split.cold_items
         view.rows = []
@@ -246,6 +247,11 @@ class RankingSet(Dataset):
             targets = self.split.eval_row(user, position, self.stage)[2]
             if targets and all(t in new for t in targets):
                 view.rows.append((user, position))
+        if among_new:
+            view.outside = torch.ones(self.num_items, dtype=torch.bool)
+            view.outside[sorted(new)] = False
+            if self.outside is not None:
+                view.outside |= self.outside
         return view
 
     def masks(self, rows) -> tuple[torch.Tensor, torch.Tensor]:

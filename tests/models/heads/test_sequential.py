@@ -121,6 +121,29 @@ def test_recommend_returns_unseen_top_k_from_the_saved_table_alone(config, tmp_p
     assert torch.allclose(again, torch.tensor(top.scores), atol=1e-5)
 
 
+def test_an_item_unseen_in_training_is_its_text_alone(config, tmp_path):
+    """Cold-start split: the held-out items never train, so their ID vectors (only ever
+    pushed down by the softmax) are left out; the trained items keep theirs; the flag
+    travels with the saved model."""
+    cfg = config(
+        ["head=sequential", *CACHED, "head.net.id_embedding=true", "data.split.method=cold_start",
+         "baselines=[]", "optim.lr=1e-2"]
+    )  # fmt: skip
+    train(cfg)
+    module = load_model(tmp_path / "model")
+    data = fresh_datamodule(cfg, module).data
+    head = module.head
+    cold = sorted(data.split.cold_items)
+    known = torch.as_tensor(data.item_counts > 0)
+    assert cold and not known[cold].any() and head.id_known.tolist() == known.tolist()
+    with torch.no_grad():
+        vectors = head.table()
+        text_only = head.project(head.text_table)
+    assert torch.allclose(vectors[cold], text_only[cold])
+    warm = torch.nonzero(known).squeeze(1)
+    assert not torch.allclose(vectors[warm], text_only[warm])  # ID vectors still count there
+
+
 @pytest.mark.real_data
 @pytest.mark.parametrize("split", ["leave_one_out", "cold_start"])
 def test_sequential_head_on_movielens_100k(config, ml100k_root, tmp_path, split):
