@@ -157,6 +157,9 @@ def test_prequential_rows_see_earlier_events_and_rank_only_items_born_by_then():
     assert exclude[0, 1] and exclude[0, 3] and not exclude[0, 5]  # seen items excluded
     new = rows.new_item_rows()
     assert [row[2] for row in new] == [[9], [6], [9]] and len(rows) == 4
+    among = rows.new_item_rows(among_new=True)
+    _, exclude = among.masks([among[1]])  # user 1 takes item 6 at time 80
+    assert exclude[0].tolist() == [i not in (6,) for i in range(10)]  # 9 is not born yet
     with pytest.raises(ConfigError, match="data.eval_mode"):
         RankingSet(split, "test", 10, None, 0, sampler=object(), negatives=2)
 
