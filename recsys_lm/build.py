@@ -10,6 +10,7 @@ instantiates the module, the data, the callbacks or a saved model.
     build_callbacks(cfg, task)   Lightning callbacks; `monitor: auto` -> the task's metric
     build_eval_trainer(cfg)      a Trainer for evaluation only
     evaluate_saved(dir, cfg)     a saved model's metrics on the data of a config
+    evaluate_sets(trainer, ...)  trainer.test over named evaluation sets (new-item events)
     load_model(dir)              a saved model (models/export.py wrote it) -> RecsysLM
     warm_start(m, dir)           a built module starts from a saved model's weights
     load_run(dir)                a finished run's model with its prepared data attached
@@ -194,17 +195,24 @@ def evaluate_saved(
     datamodule.prepare_data()
     datamodule.setup("test")
     module.attach(datamodule.data)
-    trainer = build_eval_trainer(cfg)
+    return evaluate_sets(build_eval_trainer(cfg), module, datamodule, stages)
+
+
+def evaluate_sets(
+    trainer: L.Trainer, module: RecsysLM, datamodule, names: tuple[str, ...], ckpt_path=None
+) -> dict[str, dict[str, float]]:
+    """`trainer.test` over each named evaluation set the data has: {name: metrics}; a set
+    with no rows gets {}; a name the data lacks is left out."""
     out = {}
-    for stage in stages:
-        loader = datamodule.eval_dataloader(stage)
+    for name in names:
+        loader = datamodule.eval_dataloader(name)
         if loader is None:
             continue
         if not len(loader.dataset):
-            out[stage] = {}
+            out[name] = {}
             continue
-        logged = trainer.test(module, dataloaders=loader, verbose=False)[0]
-        out[stage] = {k.removeprefix("test/"): float(v) for k, v in logged.items()}
+        logged = trainer.test(module, dataloaders=loader, ckpt_path=ckpt_path, verbose=False)[0]
+        out[name] = {k.removeprefix("test/"): float(v) for k, v in logged.items()}
     return out
 
 

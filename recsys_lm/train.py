@@ -25,6 +25,7 @@ from recsys_lm.build import (
     build_module,
     build_trainer,
     check_config,
+    evaluate_sets,
     warm_start,
 )
 from recsys_lm.data.prepared import EXTRA_TESTS
@@ -116,7 +117,8 @@ def train(cfg: DictConfig) -> dict:
     best = _best_checkpoint(trainer)
     val = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
     test = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
-    new_items = _new_item_metrics(trainer, module, datamodule, best)
+    # rolling protocol: the new-item events again (EXTRA_TESTS); other splits have none
+    new_items = evaluate_sets(trainer, module, datamodule, EXTRA_TESTS, ckpt_path=best)
     options = OmegaConf.to_container(cfg.get("baseline_options") or {}, resolve=True)
     baselines = run_baselines(data, baseline_names(cfg, checked.task), options)
     eval_s = time.perf_counter() - eval_start
@@ -152,23 +154,6 @@ def train(cfg: DictConfig) -> dict:
     _finish_wandb(loggers)
     print_summary(result, output_dir)
     return result
-
-
-def _new_item_metrics(trainer: L.Trainer, module, datamodule, best: str | None) -> dict:
-    """Rolling protocol: the test metrics again over the rows whose item is new (first seen
-    in the tested window), ranked among all items and among the new ones: {name: metrics}
-    for each of EXTRA_TESTS; {} for other splits."""
-    out = {}
-    for name in EXTRA_TESTS:
-        loader = datamodule.eval_dataloader(name)
-        if loader is None:
-            continue
-        if not len(loader.dataset):
-            out[name] = {}
-            continue
-        logged = trainer.test(module, dataloaders=loader, ckpt_path=best, verbose=False)[0]
-        out[name] = _strip(logged, "test/")
-    return out
 
 
 def _best_checkpoint(trainer: L.Trainer) -> str | None:

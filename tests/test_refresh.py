@@ -21,7 +21,7 @@ from recsys_lm.refresh import NothingNew, Plan, RefreshError, find_parent, gate,
 from recsys_lm.registry import Registry
 from recsys_lm.serving.store import Event, open_store
 from tests.conftest import CONFIG_DIR, ROOT, export_config, train_run
-from tests.serving.service import free_port
+from tests.serving.service import export_source, free_port
 
 PARENT = [
     "head=sequential",
@@ -123,14 +123,7 @@ def test_served_model_is_refreshed_promoted_and_hot_reloaded_without_a_failed_re
 
     registry = new_registry(tmp_path, parent)
     url = f"sqlite:///{tmp_path / 'events.db'}"
-    source = {
-        "export": str(registry.root / "current"),
-        "flavour": "eager",
-        "rerank": None,
-        "rerank_flavour": "eager",
-        "n": 100,
-        "threads": None,
-    }
+    source = export_source(registry.root / "current")
     loader = model_loader(source, {"backend": "exact", "options": {}})
     app = create_app(ServiceSettings(), loader, open_store(url), source=source, close_store=True)
     port = free_port()

@@ -125,20 +125,13 @@ async def test_a_service_on_current_serves_the_promoted_version_after_reload(
     tmp_path_factory, tmp_path
 ):
     from recsys_lm.serve import model_loader
-    from tests.serving.service import serving
+    from tests.serving.service import export_source, serving
 
     registry = Registry(tmp_path / "reg")
     for steps in (1, 3):
         registry.register(export_of(tmp_path_factory, steps))
     registry.promote("v0001", "first")
-    source = {
-        "export": str(registry.root / "current"),
-        "flavour": "eager",
-        "rerank": None,
-        "rerank_flavour": "eager",
-        "n": 100,
-        "threads": None,
-    }
+    source = export_source(registry.root / "current")
     loader = model_loader(source, {"backend": "exact", "options": {}})
     async with serving(loader, tmp_path, source=source) as (client, _):
         before = (await client.get("/readyz")).json()["model_version"]

@@ -76,6 +76,18 @@ async def wait_ready(client, timeout: float = 60.0) -> dict:
         await anyio.sleep(0.02)
 
 
+def export_source(export: str | Path) -> dict:
+    """The model source `python -m recsys_lm.serve export=<export>` builds (eager, one stage)."""
+    return {
+        "export": str(export),
+        "flavour": "eager",
+        "rerank": None,
+        "rerank_flavour": "eager",
+        "n": 100,
+        "threads": None,
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
