@@ -130,6 +130,10 @@ class SequentialHead(Head):
         # the softmax's push-down, so it would bury a new item that its text can place.
         self.register_buffer("id_known", torch.zeros(0, dtype=torch.bool))
         self._trained_items: torch.Tensor | None = None
+        # Whether `text_table` came in with loaded weights (a warm start, a resumed run): the
+        # frozen backbone would embed the same texts again, so fit start keeps it.
+        self._table_loaded = False
+        self.register_load_state_dict_post_hook(_note_loaded_table)
         self._eval_table: torch.Tensor | None = None
         # A compiled user side (use_query_network), set past nn.Module.__setattr__: an
         # onnxruntime graph is not a submodule and holds nothing to train or save.
@@ -174,7 +178,7 @@ class SequentialHead(Head):
     def on_fit_start(self, backbone: Backbone, items: Iterable[ItemBatch]) -> None:
         """Cached mode embeds the catalogue once, on the training device, before step one;
         the items with training interactions are the ones whose ID vectors count."""
-        if self.mode == "cached":
+        if self.mode == "cached" and not self._table_loaded:
             self.cache_items(backbone, items)
         if self.use_ids and self._trained_items is not None:
             self.id_known.copy_(self._trained_items.to(self.id_known.device))
@@ -328,3 +332,8 @@ class SequentialHead(Head):
     def recommend(self, backbone: Backbone | None, history, k: int = 10, exclude=()):
         """Top-k items from cached vectors (history and `exclude` left out)."""
         return top_k(self._user_scores(history), k, [*history, *exclude])
+
+
+def _note_loaded_table(head: SequentialHead, incompatible_keys) -> None:
+    # A table of zeros is one that was never computed (a fresh head's sized buffer).
+    head._table_loaded = bool(head.text and head.text_table.numel() and head.text_table.any())

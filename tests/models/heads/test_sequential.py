@@ -144,6 +144,29 @@ def test_an_item_unseen_in_training_is_its_text_alone(config, tmp_path):
     assert not torch.allclose(vectors[warm], text_only[warm])  # ID vectors still count there
 
 
+def test_a_warm_start_keeps_the_loaded_text_table(config, tmp_path):
+    """Refresh's warm start: the frozen backbone would embed the same texts again, so the
+    loaded table is kept at fit start (a fresh head still embeds them)."""
+    from recsys_lm.build import warm_start
+
+    cfg = config(["head=sequential", *CACHED, "head.net.id_embedding=true", "baselines=[]"])
+    train(cfg)
+    saved = load_model(tmp_path / "model").head.text_table
+    fresh = build_module(cfg)
+    fresh.attach(fresh_datamodule(cfg, fresh).data)
+    assert not fresh.head._table_loaded
+    warm = build_module(cfg)
+    warm.attach(fresh_datamodule(cfg, warm).data)
+    warm_start(warm, tmp_path / "model")
+
+    def refuse(*args):
+        raise AssertionError("the table was embedded again")
+
+    warm.head.embed_texts = refuse
+    warm.head.on_fit_start(warm.backbone, [])
+    assert torch.equal(warm.head.text_table, saved)
+
+
 @pytest.mark.real_data
 @pytest.mark.parametrize("split", ["leave_one_out", "cold_start"])
 def test_sequential_head_on_movielens_100k(config, ml100k_root, tmp_path, split):
