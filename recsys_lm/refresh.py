@@ -324,7 +324,7 @@ def refresh(cfg: DictConfig) -> dict[str, Any]:
     folder = _folder(cfg, parent)
     if (folder / RECORD).is_file():
         log.info("refresh %s: already done", folder)
-        return json.loads((folder / RECORD).read_text())
+        return {**json.loads((folder / RECORD).read_text()), "repeated": True}
     plan = plan_refresh(cfg, parent, folder)
     child = child_config(cfg, parent, plan, folder)
     result, fit_wall = fine_tune(child, folder)
@@ -377,7 +377,25 @@ def _folder(cfg: DictConfig, parent: Parent) -> Path:
     unfinished = [p for p in pending if not (p / RECORD).is_file()]
     if unfinished:  # a killed refresh of this parent: same folder, same plan, same events
         return unfinished[-1]
+    if pending:  # this parent was refreshed (and not replaced: rejected) up to...
+        end = _source_end(cfg)
+        for folder in reversed(pending):
+            plan = json.loads((folder / PLAN).read_text())
+            if end == (plan["seq_to"] if plan["source"] == "log" else plan["newest"]):
+                return folder  # ...the same end: done already, not a new version
     return base / f"{parent.name}-from{parent.seq}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _source_end(cfg: DictConfig) -> int:
+    """The event log's last sequence number, or a file's newest timestamp, now."""
+    source = str(cfg.events)
+    if source.startswith(STORE_SCHEMES):
+        store = open_store(source)
+        try:
+            return store.last_seq()
+        finally:
+            store.close()
+    return int(pd.to_numeric(read_interactions(source)["timestamp"]).max())
 
 
 def _version(cfg: DictConfig, parent: Parent, folder: Path, record: dict) -> None:
@@ -474,6 +492,8 @@ def run(cfg: DictConfig) -> dict | int:
         print(f"error: {cause}", file=sys.stderr)
         return 2
     gate_ = record["gate"]
+    if record.get("repeated"):
+        print(f"already refreshed over the same events ({record['folder']}):")
     print(f"{gate_['decision']}: {gate_['reason']}")
     if record.get("version"):
         state = "promoted" if record["promoted"] else "registered, not promoted"

@@ -222,6 +222,9 @@ def test_a_refresh_with_a_learning_rate_1000x_too_high_is_not_promoted(parent, t
     assert registry.current() == "v0001" and registry.names() == ["v0001", "v0002"]
     assert registry.record("v0002")["gate"] == record["gate"]
     assert [e["to"] for e in registry.history()] == ["v0001"]
+    # Run again (the nightly job): the same parent and events were judged: nothing new made.
+    assert refresh(cfg) == {**record, "repeated": True}
+    assert registry.names() == ["v0001", "v0002"]
 
 
 @pytest.mark.slow
