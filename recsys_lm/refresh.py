@@ -49,7 +49,7 @@ from recsys_lm import export as export_entry
 from recsys_lm import registry as reg
 from recsys_lm import train as train_entry
 from recsys_lm.build import check_config, evaluate_saved
-from recsys_lm.data.appended import read_interactions
+from recsys_lm.data.appended import read_interactions, seconds
 from recsys_lm.data.prepared import EXTRA_TESTS, load_canonical
 from recsys_lm.durable import atomic_write_text, newest_checkpoint
 from recsys_lm.errors import ConfigError, RecsysLMError
@@ -174,8 +174,7 @@ def _read_new(cfg: DictConfig, parent: Parent) -> tuple[pd.DataFrame, Plan]:
         plan = Plan(parent.name, "log", seq_from=parent.seq, seq_to=last)
     else:
         rows = read_interactions(source)
-        times = pd.to_numeric(rows["timestamp"], errors="coerce")
-        frame = rows[times > parent.newest]
+        frame = rows[seconds(rows["timestamp"], source) > parent.newest]  # bad rows named
         plan = Plan(parent.name, "file", seq_from=parent.seq, seq_to=parent.seq)
     if frame.empty:
         raise NothingNew(
@@ -395,7 +394,7 @@ def _source_end(cfg: DictConfig) -> int:
             return store.last_seq()
         finally:
             store.close()
-    return int(pd.to_numeric(read_interactions(source)["timestamp"]).max())
+    return int(seconds(read_interactions(source)["timestamp"], source).max())
 
 
 def _version(cfg: DictConfig, parent: Parent, folder: Path, record: dict) -> None:

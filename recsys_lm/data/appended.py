@@ -49,7 +49,7 @@ def append_interactions(data: CanonicalData, path: str | Path) -> CanonicalData:
     new = read_interactions(path)
     base = data.interactions
     columns = {c: _cast(new[c], base[c].dtype, path, c) for c in ("user_id", "item_id")}
-    columns["timestamp"] = _seconds(new["timestamp"], path)
+    columns["timestamp"] = seconds(new["timestamp"], path)
     new = pd.DataFrame(columns)
     known = new["item_id"].isin(data.items["item_id"])
     dropped = dict(data.dropped)
@@ -73,7 +73,8 @@ def _cast(values: pd.Series, dtype, path, column: str) -> pd.Series:
     return values.astype(str)
 
 
-def _seconds(values: pd.Series, path) -> pd.Series:
+def seconds(values: pd.Series, path) -> pd.Series:
+    """Unix seconds (fractions dropped); a value that is not a number is named by row."""
     numbers = pd.to_numeric(values, errors="coerce")
     if numbers.isna().any():
         row = int(np.flatnonzero(numbers.isna().to_numpy())[0])
