@@ -55,25 +55,23 @@ def refresh_window(cfg: DictConfig, parent: Path, window: int, folder: Path) -> 
     """Refresh `parent` for `window` into `folder` (or read the finished refresh)."""
     if (folder / refresh_entry.RECORD).is_file():
         return json.loads((folder / refresh_entry.RECORD).read_text())
-    overrides = [f"run={parent}", f"window={window}", f"out={folder}"]
-    for key, value in OmegaConf.to_container(cfg.rolling.refresh, resolve=True).items():
-        overrides.append(f"{key}={json.dumps(value) if isinstance(value, dict) else value}")
-    refresh_cfg = compose("refresh", overrides=_flat(overrides))
+    return refresh_entry.refresh(refresh_config(cfg, parent, window, folder))
+
+
+def refresh_config(cfg: DictConfig, parent: Path, window: int, folder: Path) -> DictConfig:
+    """conf/refresh.yaml for this window, with the experiment's `rolling.refresh` merged in:
+    a key refresh.yaml lacks is refused, naming it, except under `budget`, which takes any
+    trainer key (val_check_interval, ...)."""
+    refresh_cfg = compose(
+        "refresh", overrides=[f"run={parent}", f"window={window}", f"out={folder}"]
+    )
+    options = OmegaConf.to_container(cfg.rolling.refresh, resolve=True)
+    budget = options.pop("budget", None) or {}
+    refresh_cfg.merge_with(options)
     with open_dict(refresh_cfg):
+        refresh_cfg.budget.merge_with(budget)
         refresh_cfg.paths.output_dir = str(folder)
-    return refresh_entry.refresh(refresh_cfg)
-
-
-def _flat(overrides: list[str]) -> list[str]:
-    """`budget={"max_epochs": 10}` -> `budget.max_epochs=10` (Hydra's override grammar)."""
-    out = []
-    for item in overrides:
-        key, value = item.split("=", 1)
-        if value.startswith("{"):
-            out += [f"{key}.{k}={v}" for k, v in json.loads(value).items()]
-        else:
-            out.append(f"{key}={'null' if value == 'None' else value}")
-    return out
+    return refresh_cfg
 
 
 def protocol(cfg: DictConfig) -> dict[str, Any]:

@@ -46,3 +46,30 @@ def test_each_window_has_stale_refreshed_and_retrained_scores(tmp_path):
     assert sum(line.startswith("| 2 |") for line in table) == 2  # both tables
     again = protocol(cfg)["windows"]  # finished steps are read, not run again
     assert again[2]["refreshed"] == rows[2]["refreshed"]
+
+
+@pytest.mark.parametrize(
+    ("experiment", "budget"),
+    [
+        ("refresh_video", {"max_steps": -1, "max_epochs": 14, "check_val_every_n_epoch": 7}),
+        (
+            "refresh_video_two_tower",  # val_check_interval: a trainer key refresh.yaml lacks
+            {"max_steps": 200, "max_epochs": 1, "check_val_every_n_epoch": 1,
+             "val_check_interval": 50},
+        ),
+    ],
+)  # fmt: skip
+def test_each_experiments_refresh_settings_reach_the_refresh(tmp_path, experiment, budget):
+    from omegaconf import OmegaConf, open_dict
+
+    from recsys_lm.rolling import refresh_config
+
+    cfg = make_config(tmp_path, [f"experiment={experiment}"], fast=False)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        refresh_cfg = refresh_config(cfg, tmp_path / "parent", 2, tmp_path / "r")
+        assert OmegaConf.to_container(refresh_cfg.budget) == budget
+        assert refresh_cfg.window == 2 and refresh_cfg.replay == 1.0 and refresh_cfg.lr is None
+        with open_dict(cfg):
+            cfg.rolling.refresh.replya = 2.0  # a misspelt key is refused, not ignored
+        with pytest.raises(Exception, match="replya"):
+            refresh_config(cfg, tmp_path / "parent", 2, tmp_path / "r")
