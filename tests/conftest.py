@@ -48,9 +48,7 @@ FAST = [
 def make_config(
     tmp_path: Path, overrides: list[str] | None = None, fast: bool = True
 ) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=(FAST if fast else []) + (overrides or []))
+    cfg = entry_config("train", (FAST if fast else []) + (overrides or []))
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
     return cfg
@@ -69,9 +67,14 @@ def train_run(folder: Path, overrides: list[str]) -> Path:
 
 def export_config(run_dir: Path, overrides: list[str]) -> DictConfig:
     """`python -m recsys_lm.export run=<run_dir> <overrides>`'s config."""
+    return entry_config("export", [f"run={run_dir}", *overrides])
+
+
+def entry_config(name: str, overrides: list[str]) -> DictConfig:
+    """An entry point's composed config (conf/<name>.yaml), as its command line builds it."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("export", overrides=[f"run={run_dir}", *overrides])
+        return compose(name, overrides=overrides)
 
 
 def train_and_keep(config, monkeypatch, overrides: list[str], **kw):

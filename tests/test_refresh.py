@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from recsys_lm.refresh import NothingNew, Plan, RefreshError, find_parent, gate, refresh, run
 from recsys_lm.registry import Registry
 from recsys_lm.serving.store import Event, open_store
-from tests.conftest import CONFIG_DIR, ROOT, export_config, train_run
+from tests.conftest import ROOT, entry_config, export_config, train_run
 from tests.serving.service import export_source, free_port
 
 PARENT = [
@@ -35,12 +35,7 @@ T0 = 1_800_000_000  # events come after the sample data (2020): new to the paren
 
 
 def refresh_config(tmp_path: Path, overrides: list[str]) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("refresh", overrides=overrides)
+    cfg = entry_config("refresh", overrides)
     cfg.paths.output_dir = str(tmp_path / "hydra")
     return cfg
 

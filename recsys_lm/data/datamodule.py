@@ -154,10 +154,10 @@ class RecDataModule(L.LightningDataModule):
             self._train_loader_state = state
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.data.datasets["val"], self.settings.eval_batch_size)
+        return self.eval_dataloader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.data.datasets["test"], self.settings.eval_batch_size)
+        return self.eval_dataloader("test")
 
     def eval_dataloader(self, name: str) -> DataLoader | None:
         """A loader over any prepared evaluation set by name (e.g. `test_new_items`), or None

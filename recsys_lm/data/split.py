@@ -80,11 +80,16 @@ class Split:
         """(user, history, targets, time): what one evaluation row ranks. Prequential rows
         see the earlier held-out interactions of the same stage as history, and carry
         their time (items born later do not compete)."""
-        history, targets = self.history(user, stage), self.targets(user, stage)
+        history, targets = self.history(user, stage), self.row_targets(user, position, stage)
         if position is None:
             return user, history, targets, None
         time = self.times[stage][user][position]
-        return user, history + targets[:position], [targets[position]], time
+        return user, history + self.targets(user, stage)[:position], targets, time
+
+    def row_targets(self, user: int, position: int | None, stage: str) -> list[int]:
+        """The held-out items one evaluation row ranks (`eval_row` without the history)."""
+        targets = self.targets(user, stage)
+        return targets if position is None else [targets[position]]
 
     def is_fresh(self, user: int, position: int) -> bool:
         """Whether training interaction `position` of `user` is newer than the cut-off."""

@@ -242,11 +242,11 @@ class RankingSet(Dataset):
         `among_new`, among the new items alone (which new item will the user take?)."""
         view = copy.copy(self)
         new = self.split.cold_items
-        view.rows = []
-        for user, position in self.rows:
-            targets = self.split.eval_row(user, position, self.stage)[2]
-            if targets and all(t in new for t in targets):
-                view.rows.append((user, position))
+        view.rows = [
+            (user, position)
+            for user, position in self.rows
+            if _all_in(self.split.row_targets(user, position, self.stage), new)
+        ]
         if among_new:
             view.outside = torch.ones(self.num_items, dtype=torch.bool)
             view.outside[sorted(new)] = False
@@ -280,6 +280,10 @@ class RankingSet(Dataset):
         return RankingBatch(
             user_ids, user_mask, relevant, exclude, torch.tensor([r[0] for r in rows])
         )
+
+
+def _all_in(items: list[int], allowed: set[int]) -> bool:
+    return bool(items) and all(i in allowed for i in items)
 
 
 class ItemSet(Dataset):
