@@ -269,19 +269,17 @@ def child_config(cfg: DictConfig, parent: Parent, plan: Plan, folder: Path) -> D
     return child
 
 
-def fine_tune(child: DictConfig, folder: Path) -> tuple[dict, float]:
-    """Train (or finish training) the child in `folder`; its metrics.json and wall time."""
-    started = time.perf_counter()
+def fine_tune(child: DictConfig, folder: Path) -> dict:
+    """Train (or finish training) the child in `folder`; its metrics.json (with `timing`)."""
     if (folder / "metrics.json").is_file():
-        return json.loads((folder / "metrics.json").read_text()), 0.0
+        return json.loads((folder / "metrics.json").read_text())
     (folder / ".hydra").mkdir(parents=True, exist_ok=True)
     OmegaConf.save(child, folder / ".hydra" / "config.yaml")
     checkpoint = newest_checkpoint(folder / "checkpoints")
     if checkpoint is not None:  # a killed refresh: continue its fine-tune
         with open_dict(child):
             child.ckpt_path = str(checkpoint)
-    result = train_entry.train(child)
-    return result, time.perf_counter() - started
+    return train_entry.train(child)
 
 
 # -- the gate ------------------------------------------------------------------------------------
@@ -326,7 +324,7 @@ def refresh(cfg: DictConfig) -> dict[str, Any]:
         return {**json.loads((folder / RECORD).read_text()), "repeated": True}
     plan = plan_refresh(cfg, parent, folder)
     child = child_config(cfg, parent, plan, folder)
-    result, fit_wall = fine_tune(child, folder)
+    result = fine_tune(child, folder)
     current = evaluate_saved(parent.model_dir, child, ("test", *EXTRA_TESTS))
     decision = gate(cfg, result, current["test"])
     if plan.source == "window":  # its data ends with the window it was tested on
@@ -342,7 +340,6 @@ def refresh(cfg: DictConfig) -> dict[str, Any]:
         "metrics": {k: result.get(k) for k in ("test", "val", *EXTRA_TESTS)},
         "current_metrics": current,
         "gate": decision,
-        "wall_s": round(fit_wall, 2),
         "timing": result.get("timing"),
         "version": None,
         "promoted": False,
@@ -412,7 +409,7 @@ def _version(cfg: DictConfig, parent: Parent, folder: Path, record: dict) -> Non
             watermark=record["watermark"]["seq"],
             gate=record["gate"],
             note=f"refresh of {parent.name}",
-            extra={"refresh": {k: record[k] for k in ("plan", "cutoff", "watermark", "wall_s")}},
+            extra={"refresh": {k: record[k] for k in ("plan", "cutoff", "watermark", "timing")}},
         )
     record["version"] = name
     if record["gate"]["decision"] == "promote":
