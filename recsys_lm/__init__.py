@@ -2,6 +2,8 @@
 
 import logging
 
+from recsys_lm.launch import naming as _naming  # noqa: F401  registers ${job_dirname:...} (conf/hydra)
+
 __version__ = "0.1.0"
 
 # transformers imports torchao (the int8 export flavour's library) whenever it is installed,

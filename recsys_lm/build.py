@@ -24,6 +24,7 @@ import copy
 import hashlib
 import inspect
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,9 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -47,6 +50,7 @@ from recsys_lm.models.adapters import make_peft_config
 from recsys_lm.models.export import CONFIG, WEIGHTS
 from recsys_lm.models.heads.base import Head
 from recsys_lm.models.module import RecsysLM
+from recsys_lm.models.quantization import check_quantization
 from recsys_lm.serving import flavours
 from recsys_lm.serving.model import ServedModel, ServingData
 
@@ -80,7 +84,20 @@ def check_config(cfg: DictConfig) -> Checked:
     check_arguments(_class_of(cfg.data.source, "data.source"), cfg.data.source, "data.source")
     source = _instantiate(cfg.data.source, "data.source")
     check_baseline_names(baseline_names(cfg, task))  # now, not after the model has trained
+    _check_quantization(cfg)
     return Checked(settings, source, head_class, task)
+
+
+def _check_quantization(cfg: DictConfig) -> None:
+    """4/8-bit weights train only through adapters (QLoRA): not with peft=none."""
+    value = cfg.backbone.get("quantization")
+    check_quantization(value)
+    if value is not None and cfg.peft.get("config") is None:
+        raise ConfigError(
+            "backbone.quantization",
+            value,
+            f"null with peft={cfg.peft.name}: quantised weights cannot train; use peft=lora (QLoRA)",
+        )
 
 
 def check_arguments(cls: type, node: DictConfig, key: str, skip: tuple[str, ...] = ()) -> None:
@@ -129,8 +146,21 @@ def build_module(cfg: DictConfig) -> RecsysLM:
         freeze=instantiate(cfg.freeze),
         k=cfg.data.k,
         eval_batch_size=cfg.data.eval_batch_size,
-        **cfg.optim,
+        **scaled_rates(cfg.optim),
     )
+
+
+def scaled_rates(optim: DictConfig) -> dict[str, Any]:
+    """`optim` with `lr_scale` applied to every learning rate: one sweep axis (0.3x, 1x, 3x)
+    that means the same for strategies whose own rates differ 600-fold (prompt vs none)."""
+    out = OmegaConf.to_container(optim, resolve=True)
+    scale = float(out.pop("lr_scale", 1.0))
+    if scale <= 0:
+        raise ConfigError("optim.lr_scale", scale, "a positive multiplier of the learning rates")
+    for key in ("lr", "head_lr", "frozen_head_lr"):
+        if out.get(key) is not None:
+            out[key] = float(out[key]) * scale
+    return out
 
 
 def build_datamodule(cfg: DictConfig, module: RecsysLM, checked: Checked | None = None):
@@ -165,11 +195,51 @@ def build_loggers(cfg: DictConfig) -> list:
     return [instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
 
 
-def build_trainer(cfg: DictConfig, task: Task) -> L.Trainer:
-    """`trainer.*` with the run's loggers and callbacks (its `loggers` are the run's)."""
+def build_trainer(cfg: DictConfig, task: Task, extra_callbacks: Sequence = ()) -> L.Trainer:
+    """`trainer.*` with the run's loggers and callbacks (its `loggers` are the run's);
+    `extra_callbacks` are objects made by the caller (an Optuna trial's pruning callback)."""
+    check_strategy(cfg.trainer)
     loggers = build_loggers(cfg)
-    callbacks = build_callbacks(cfg, task, logging=bool(loggers))
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    callbacks = [*build_callbacks(cfg, task, logging=bool(loggers)), *extra_callbacks]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    check_launch(trainer)
+    return trainer
+
+
+def check_strategy(trainer_cfg: DictConfig) -> None:
+    """FSDP (trainer=fsdp) runs on CUDA GPUs only: Lightning refuses any other accelerator."""
+    strategy = trainer_cfg.get("strategy")
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
+    if not (target.endswith("FSDPStrategy") or target.startswith("fsdp")):
+        return
+    accelerator = str(trainer_cfg.get("accelerator"))
+    if accelerator not in ("gpu", "cuda"):
+        raise ConfigError(
+            "trainer.accelerator",
+            accelerator,
+            "gpu with trainer=fsdp: Lightning's FSDPStrategy shards over CUDA GPUs only "
+            "(on CPU use trainer=ddp trainer.accelerator=cpu)",
+        )
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "trainer.strategy", target, "a machine with CUDA GPUs (none found) for trainer=fsdp"
+        )
+
+
+def check_launch(trainer: L.Trainer) -> None:
+    """Lightning starts DDP's other processes by running the command line again, which in a
+    Hydra multirun would run the whole sweep in each: refused there unless the cluster
+    starts the processes itself (SLURM tasks, torchrun)."""
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if trainer.world_size <= 1 or environment is None or environment.creates_processes_externally:
+        return
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise ConfigError(
+            "trainer.devices",
+            trainer.world_size,
+            "1 in a multirun (-m): Lightning would rerun the whole sweep in each extra "
+            "process; run a DDP job alone, or sweep on SLURM with one task per GPU",
+        )
 
 
 def build_eval_trainer(cfg: DictConfig) -> L.Trainer:
@@ -248,7 +318,7 @@ def warm_start(module: RecsysLM, directory: str | Path) -> None:
     state = torch.load(file, map_location="cpu", weights_only=True)
     own = module.state_dict()
     for name, value in state.items():
-        if name in own and isinstance(value, torch.Tensor) and value.shape != own[name].shape:
+        if name in own and isinstance(value, torch.Tensor) and _reshaped(value, own[name]):
             raise ConfigError(
                 "init_from",
                 str(directory),
@@ -258,6 +328,12 @@ def warm_start(module: RecsysLM, directory: str | Path) -> None:
     _, unexpected = module.load_state_dict(state, strict=False)
     if unexpected:
         raise ConfigError("init_from", str(directory), f"this model's weights, not {unexpected}")
+
+
+def _reshaped(saved: torch.Tensor, own: torch.Tensor) -> bool:
+    # A one-element tensor saved 0-d (the retrieval temperature before trainer=fsdp) loads:
+    # the head's own load hook reshapes it.
+    return saved.shape != own.shape and not (saved.dim() == 0 and own.numel() == 1)
 
 
 @dataclass

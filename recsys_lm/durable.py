@@ -102,13 +102,15 @@ def newest_checkpoint(folder: str | Path) -> Path | None:
 class StepSeed(L.Callback):
     """Reseed python, numpy and torch before every training batch from (seed, epoch, batch):
     dropout, sampled negatives and any other draw then depend on the position in training
-    only, not on what ran before (validation, a restart), so a resumed run is bit-identical."""
+    only, not on what ran before (validation, a restart), so a resumed run is bit-identical.
+    Under DDP each process adds its rank (its own dropout; rank 0 draws as a single process)."""
 
     def __init__(self, seed: int) -> None:
         self.seed = int(seed)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        value = (self.seed * 1_000_003 + trainer.current_epoch * 100_003 + batch_idx) % 2**32
+        position = self.seed * 1_000_003 + trainer.current_epoch * 100_003 + batch_idx
+        value = (position + trainer.global_rank * 7_919_993) % 2**32
         random.seed(value)
         np.random.seed(value)
         torch.manual_seed(value)  # every device's generator too
@@ -153,11 +155,15 @@ class GracefulStop(L.Callback):
             signal.signal(signum, self._handler)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self.received is None:
+        stop = self.received is not None
+        if trainer.world_size > 1:  # DDP: all processes stop at the same step, or none does
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop:
             return
         path = self.checkpoint_path(trainer)
         trainer.save_checkpoint(path)
-        raise TrainingInterrupted(self.received, trainer.global_step, str(path))
+        signum = self.received if self.received is not None else signal.SIGTERM
+        raise TrainingInterrupted(signum, trainer.global_step, str(path))
 
     @staticmethod
     def checkpoint_path(trainer) -> Path:

@@ -41,3 +41,35 @@ def print_summary(result: dict, output_dir: Path, console: Console | None = None
         f"fit {timing['fit_s']:.0f}s, eval {timing['eval_s']:.0f}s, total {timing['total_s']:.0f}s"
     )
     console.print(f"outputs: {output_dir.resolve()}  (metrics.json)")
+
+
+def mean_std(values: list[float]) -> dict[str, float | int]:
+    """{"mean", "std", "n"}: std is the sample standard deviation (ddof=1; 0 for one value),
+    the spread a reader expects behind "mean ± std over seeds"."""
+    n = len(values)
+    mean = sum(values) / n
+    std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    return {"mean": mean, "std": std, "n": n}
+
+
+def over_seeds(results: list[dict]) -> dict[str, dict[str, dict[str, float | int]]]:
+    """Each metric of `test`, `val` and every baseline's test over the runs of one
+    configuration with different seeds: {"test": {metric: mean_std}, ...}."""
+    groups: dict[str, list[dict[str, float]]] = {
+        "test": [r["test"] for r in results],
+        "val": [r["val"] for r in results],
+    }
+    for name in results[0].get("baselines", {}):
+        tests = [r["baselines"].get(name, {}).get("test") for r in results]
+        if all(tests):
+            groups[f"{name}/test"] = tests
+    return {
+        group: {
+            m: mean_std([s[m] for s in scores]) for m in scores[0] if all(m in s for s in scores)
+        }
+        for group, scores in groups.items()
+    }
+
+
+def format_mean_std(stats: dict[str, float | int], digits: int = 4) -> str:
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"

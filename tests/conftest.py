@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,21 @@ def train_run(folder: Path, overrides: list[str]) -> Path:
     (folder / ".hydra").mkdir(exist_ok=True)
     OmegaConf.save(cfg, folder / ".hydra" / "config.yaml")
     return folder
+
+
+def train_cli(*args: str, cache: Path, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`python -m recsys_lm.train <args>` in a subprocess with its own data cache, as a user
+    runs it (not as a pytest-xdist worker: a whole torch thread pool of its own)."""
+    env = {**os.environ, "RECSYS_LM_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    return subprocess.run(
+        [sys.executable, "-m", "recsys_lm.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def export_config(run_dir: Path, overrides: list[str]) -> DictConfig:

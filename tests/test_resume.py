@@ -5,9 +5,6 @@ exactly the metrics, best checkpoint and step count of the same run left alone."
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,7 @@ from recsys_lm.durable import (
     checkpoint_step,
     newest_checkpoint,
 )
-from tests.conftest import ROOT
+from tests.conftest import train_cli
 
 # 85 training batches per epoch, so every kill below lands mid-epoch; validation every 10
 # steps (best checkpoint), a periodic checkpoint every 5.
@@ -39,19 +36,6 @@ RUN = [
     "baselines=[]",
     "export_model=false",
 ]
-
-
-def train_cli(*args: str, cache: Path, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RECSYS_LM_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
-    env.pop("PYTEST_XDIST_WORKER", None)
-    return subprocess.run(
-        [sys.executable, "-m", "recsys_lm.train", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def killer(steps: list[int], signal_name: str, marker: Path) -> list[str]:

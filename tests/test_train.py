@@ -340,3 +340,131 @@ history_template: "{{name}}"
     assert result["protocol"]["items"] == 40
     assert result["protocol"]["users"] == 25
     assert_ranking_metrics(result["test"], k=10)
+
+
+def test_seeds_run_each_seed_in_its_folder_and_write_mean_std(config, tmp_path, monkeypatch):
+    from recsys_lm.train import run_seeds
+
+    results = run_seeds(config(["seeds=2", *CHEAP]), ["seeds=2", "trainer.max_steps=2"])
+    assert [r["run"]["seed"] for r in results] == [42, 43]
+    for seed in (42, 43):
+        folder = tmp_path / f"seed_{seed}"
+        assert json.loads((folder / "metrics.json").read_text())["run"]["seed"] == seed
+        saved = (folder / ".hydra" / "overrides.yaml").read_text()
+        assert f"seed={seed}" in saved and "seeds=" not in saved  # a run of its own
+    cost = results[0]["cost"]
+    assert cost["train_samples"] == 2 * 8 and cost["train_samples_per_s"] > 0
+    assert cost["test_queries"] == 40 and cost["test_ms_per_query"] > 0
+    assert cost["peak_memory_mb"] > 0 and cost["peak_memory_kind"] == "process_peak_rss"
+    summary = json.loads((tmp_path / "seeds.json").read_text())
+    values = [r["test"]["ndcg@10"] for r in results]
+    assert summary["seeds"] == [42, 43]
+    assert summary["test"]["ndcg@10"]["mean"] == pytest.approx(np.mean(values))
+    assert summary["test"]["ndcg@10"]["std"] == pytest.approx(np.std(values, ddof=1))
+    # Run again in the same folder: finished seeds are read back, not trained again.
+    monkeypatch.setattr("recsys_lm.train.train", lambda cfg: pytest.fail("trained again"))
+    again = run_seeds(config(["seeds=2", *CHEAP]), ["seeds=2"])
+    assert [r["test"] for r in again] == [r["test"] for r in results]
+
+
+def test_a_failing_seed_is_recorded_and_the_other_seeds_run(config, tmp_path, monkeypatch):
+    import recsys_lm.train as entry
+    from recsys_lm.errors import ConfigError
+
+    real = entry.train
+
+    def flaky(cfg):
+        if cfg.seed == 42:
+            raise ConfigError("optim.lr", -1, "a positive rate")
+        return real(cfg)
+
+    monkeypatch.setattr(entry, "train", flaky)
+    assert entry.run_seeds(config(["seeds=2", *CHEAP]), []) == 2
+    failed = json.loads((tmp_path / "seed_42" / "failed.json").read_text())
+    assert "config key `optim.lr` = -1: a positive rate" in failed["error"]
+    assert (tmp_path / "seed_43" / "metrics.json").is_file()
+    assert not (tmp_path / "seeds.json").exists()  # no mean over a seed that never ran
+
+
+def test_lr_scale_multiplies_every_learning_rate(config):
+    from omegaconf import OmegaConf
+
+    from recsys_lm.build import scaled_rates
+    from recsys_lm.errors import ConfigError
+
+    optim = OmegaConf.create({"lr": 1e-3, "head_lr": None, "frozen_head_lr": 1e-2, "lr_scale": 3})
+    assert scaled_rates(optim) == {
+        "lr": pytest.approx(3e-3),
+        "head_lr": None,
+        "frozen_head_lr": pytest.approx(3e-2),
+    }
+    module = build_module(config(["optim.lr_scale=0.5", "optim.lr=2e-3"]))
+    assert module.hparams.lr == pytest.approx(1e-3)
+    with pytest.raises(ConfigError, match="optim.lr_scale"):
+        scaled_rates(OmegaConf.create({"lr": 1e-3, "lr_scale": 0}))
+
+
+def test_a_multirun_job_gets_its_own_grouped_tagged_wandb_run(config):
+    from omegaconf import OmegaConf
+
+    from recsys_lm.train import multirun_wandb
+
+    hydra_cfg = OmegaConf.create(
+        {"sweep": {"dir": "logs/train/multiruns/2026-12-02_01-00-00", "subdir": "3_peft=ia3"}}
+    )
+    cfg = multirun_wandb(config(["logger=wandb"]), hydra_cfg, ["peft=ia3", "x=" + "y" * 100])
+    assert cfg.logger.wandb.group == "2026-12-02_01-00-00"
+    assert cfg.logger.wandb.name == "2026-12-02_01-00-00/3_peft=ia3"
+    assert list(cfg.logger.wandb.tags) == ["peft=ia3", "x=" + "y" * 62]  # W&B's 64-character cap
+    kept = multirun_wandb(config(["logger=wandb", "logger.wandb.group=mine"]), hydra_cfg, [])
+    assert kept.logger.wandb.group == "mine"
+    assert multirun_wandb(config(["logger=csv"]), hydra_cfg, []).logger.get("wandb") is None
+
+
+@pytest.mark.slow
+@pytest.mark.wandb
+def test_multirun_jobs_are_separate_finished_wandb_runs_of_one_group(tmp_path):
+    """W&B merges the jobs of a multirun into one run unless each finishes its own: two jobs
+    in one process must leave two offline runs, each grouped by the sweep and tagged."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("wandb")
+    from tests.conftest import FAST, ROOT
+
+    sweep = tmp_path / "2026-12-02_01-02-03"
+    overrides = [o for o in FAST if not o.startswith("logger=")]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "recsys_lm.train",
+            "-m",
+            *overrides,
+            *CHEAP,
+            "logger=wandb",
+            "seed=1,2",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = sorted(sweep.glob("*/wandb/offline-run-*"))
+    assert len(runs) == 2 and runs[0].parent.parent != runs[1].parent.parent
+    assert len({r.name.rsplit("-", 1)[-1] for r in runs}) == 2  # two run ids
+    for seed, run in zip((1, 2), runs, strict=True):
+        record = next(run.glob("run-*.wandb")).read_bytes()
+        assert sweep.name.encode() in record  # the group
+        assert f"seed={seed}".encode() in record  # the job's overrides as tags
+
+
+def test_train_refuses_a_search_preset_it_would_ignore(config, capsys):
+    from recsys_lm.train import run
+
+    assert run(config(["hparams_search=tiny"])) == 2
+    assert "`hparams_search`" in capsys.readouterr().err

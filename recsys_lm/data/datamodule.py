@@ -1,17 +1,68 @@
-"""The LightningDataModule: a thin layer that turns a `PreparedData` into loaders."""
+"""The LightningDataModule: a thin layer that turns a `PreparedData` into loaders.
+
+Under DDP (or FSDP) the loaders shard the data themselves, one share per process (the
+Trainer's `use_distributed_sampler` is off, conf/trainer/default.yaml):
+  * training: every process draws the same seeded order of the epoch (ResumableLoader) and
+    takes every world-th sample of it from its rank on (`RankShard`), the order padded by
+    wrapping around so that every process runs the same number of steps;
+  * evaluation: row i goes to process i % world, without padding (Lightning's
+    `UnrepeatedDistributedSampler`), so every row is evaluated exactly once and the metric
+    sets, combined across processes, equal a single process's (recsys_lm/metrics.py).
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator, Sized
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from recsys_lm.data.prepared import PreparedData, prepare
 from recsys_lm.data.settings import DataSettings
 from recsys_lm.data.task import Task
+from recsys_lm.errors import DataError
+
+
+class RankShard(Sampler[int]):
+    """Process `rank`'s share of another sampler's order: positions rank, rank + world, ...
+    of it, the order first padded by wrapping around to a multiple of `world`, so every
+    process gets ceil(n / world) samples (a few samples twice per epoch, as with PyTorch's
+    DistributedSampler) and they step together. Every process must draw the same order
+    (the same seeded generator), which ResumableLoader ensures."""
+
+    def __init__(self, sampler: Sampler[int], rank: int, world: int) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside a world of {world}")
+        self.sampler, self.rank, self.world = sampler, rank, world
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.world)
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(self.sampler)
+        if not order:
+            return iter(())
+        padded = len(self) * self.world
+        order += (order * math.ceil(padded / len(order)))[: padded - len(order)]
+        return iter(order[self.rank :: self.world])
+
+
+def eval_shard(dataset: Sized, rank: int, world: int, name: str = "evaluation") -> Sampler | None:
+    """Process `rank`'s rows of an evaluation set: rows rank, rank + world, ..., each row in
+    exactly one process, nothing repeated. None in a single process (all rows, in order)."""
+    if world <= 1:
+        return None
+    if len(dataset) < world:
+        raise DataError(
+            f"the {name} set has {len(dataset)} rows, fewer than the {world} processes: each "
+            "needs at least one (run it on fewer devices)"
+        )
+    return UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
 
 
 class _SkippingBatchSampler(BatchSampler):
@@ -94,6 +145,14 @@ class RecDataModule(L.LightningDataModule):
             )
 
     # -- loaders ----------------------------------------------------------------------------
+    def processes(self) -> tuple[int, int]:
+        """(this process's rank, how many processes) of the Trainer running this datamodule:
+        (0, 1) without one or in a single process."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
+
     def _loader(self, dataset: Dataset, batch_size: int, sampler=None) -> DataLoader:
         workers = self.settings.num_workers
         return DataLoader(
@@ -110,13 +169,17 @@ class RecDataModule(L.LightningDataModule):
         # A seeded generator: each epoch draws a new order, the same on every rerun, and a
         # resumed run continues the interrupted epoch's order (ResumableLoader seeds it).
         generator = torch.Generator()
+        rank, world = self.processes()
         if self.settings.length_grouping:
             # Batches of similar length waste less compute on padding; order stays random.
+            # Under DDP a group is one step of every process (RankShard splits it evenly).
             sampler = LengthGroupedSampler(
-                self.settings.batch_size, lengths=dataset.lengths(), generator=generator
+                self.settings.batch_size * world, lengths=dataset.lengths(), generator=generator
             )
         else:
             sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
+        if world > 1:  # the same order in every process (same seed): each takes its share
+            sampler = RankShard(sampler, rank, world)
         workers = self.settings.num_workers
         loader = ResumableLoader(
             dataset,
@@ -163,7 +226,11 @@ class RecDataModule(L.LightningDataModule):
         """A loader over any prepared evaluation set by name (e.g. `test_new_items`), or None
         when this data has no such set."""
         dataset = self.data.datasets.get(name)
-        return None if dataset is None else self._loader(dataset, self.settings.eval_batch_size)
+        if dataset is None:
+            return None
+        rank, world = self.processes()
+        sampler = eval_shard(dataset, rank, world, name) if len(dataset) else None
+        return self._loader(dataset, self.settings.eval_batch_size, sampler)
 
     def item_dataloader(self) -> DataLoader:
         return self._loader(self.data.items, self.settings.eval_batch_size)

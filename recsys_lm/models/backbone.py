@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from recsys_lm.errors import ConfigError, RecsysLMError
+from recsys_lm.models import quantization as kbit
 
 POOLINGS = ("cls", "mean", "last")
 # The default backbone: all-MiniLM-L6-v2 from the PyPI package, so no hub access is needed.
@@ -185,9 +186,13 @@ def load_pretrained(
     revision: str | None = None,
     cache_dir: str | None = None,
     causal_lm: bool = False,
+    quantization: str | None = None,
 ) -> Backbone:
     """Load any `AutoModel` by hub id or local folder, with its tokenizer; with `causal_lm`,
-    a decoder's `AutoModelForCausalLM` (the LM head the generative heads read)."""
+    a decoder's `AutoModelForCausalLM` (the LM head the generative heads read); with
+    `quantization` (4bit | 8bit), its weights quantised by bitsandbytes for QLoRA
+    (recsys_lm/models/quantization.py: needs a CUDA GPU and bitsandbytes)."""
+    quantized = kbit.load_kwargs(quantization)  # refused before any file is read
     source = _resolve(name_or_path)
     kwargs = {"trust_remote_code": trust_remote_code, "revision": revision, "cache_dir": cache_dir}
     try:
@@ -201,12 +206,14 @@ def load_pretrained(
                 "head=generative needs a decoder folder (GPT-2, Llama, Qwen, ...)",
             )
         auto = AutoModelForCausalLM if causal_lm else AutoModel
-        model = auto.from_pretrained(source, config=config, **kwargs)
+        model = auto.from_pretrained(source, config=config, **kwargs, **quantized)
     except OSError as err:
         where = "folder" if Path(source).exists() else "hub id (no network? pass a local folder)"
         raise ConfigError(
             "backbone.name_or_path", name_or_path, f"a loadable model {where}: {err}"
         ) from err
+    if quantized:
+        model = kbit.prepare_for_training(model)
     return Backbone(model, _prepare_tokenizer(tokenizer, config), pooling, max_length)
 
 

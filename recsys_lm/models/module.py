@@ -67,8 +67,9 @@ class RecsysLM(L.LightningModule):
         head.bind(backbone)  # after wrapping and freezing: the head sees what will train
         self.head = head
         self.task = get_task(head.task)
-        self.val_metrics = self.task.metrics(k)
-        self.test_metrics = self.task.metrics(k)
+        # Under DDP each process evaluates its own rows; compute() combines every process's.
+        self.val_metrics = self.task.metrics(k).across_processes()
+        self.test_metrics = self.task.metrics(k).across_processes()
         self._indexed = False  # whether on_eval_start ran since the weights last changed
         self._item_backbone: Backbone | None = None  # see use_item_backbone
         self.register_load_state_dict_post_hook(_weights_changed)
@@ -108,7 +109,23 @@ class RecsysLM(L.LightningModule):
         self._indexed = False
 
     def on_fit_start(self) -> None:
+        self._unsharded("_fit_start_head")
+
+    def _fit_start_head(self) -> None:
         self.head.on_fit_start(self.backbone, self._item_batches())
+
+    def _unsharded(self, method: str) -> None:
+        """Run `self.<method>()`, which calls the backbone outside a training or evaluation
+        step, inside the strategy's wrapper forward where that is the only place the weights
+        are whole: FSDP gathers its root unit's sharded parameters (embeddings, final norm)
+        in its forward only, as Lightning does for `validation_step`. Elsewhere, directly."""
+        trainer = self._trainer
+        strategy = trainer.strategy if trainer is not None else None
+        wrapper = getattr(strategy, "model", None)
+        if wrapper is not None and wrapper is not self and _is_fsdp(wrapper):
+            strategy._forward_redirection(wrapper, self, method)
+        else:
+            getattr(self, method)()
 
     # -- training ---------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -162,10 +179,10 @@ class RecsysLM(L.LightningModule):
         self._indexed = True
 
     def on_validation_epoch_start(self) -> None:
-        self._begin_eval()
+        self._unsharded("_begin_eval")
 
     def on_test_epoch_start(self) -> None:
-        self._begin_eval()
+        self._unsharded("_begin_eval")
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self.head.evaluate(self.backbone, batch, self.val_metrics)
@@ -174,9 +191,16 @@ class RecsysLM(L.LightningModule):
         self.head.evaluate(self.backbone, batch, self.test_metrics)
 
     def _end_eval(self, stage: str, metrics) -> None:
-        values = metrics.compute()
+        values = metrics.compute()  # over every process's rows (across_processes)
         metrics.reset()
-        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val")
+        # Every process holds the same values already; a max-sync keeps them exact and tells
+        # Lightning they are synced (it warns about unsynced epoch-level values under DDP).
+        self.log_dict(
+            {f"{stage}/{k}": v for k, v in values.items()},
+            prog_bar=stage == "val",
+            sync_dist=True,
+            reduce_fx="max",
+        )
 
     def on_validation_epoch_end(self) -> None:
         self._end_eval("val", self.val_metrics)
@@ -199,6 +223,12 @@ class RecsysLM(L.LightningModule):
         if not self._indexed:
             self._begin_eval()
         return self.head.recommend(self.backbone, history, k, exclude)
+
+
+def _is_fsdp(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(module, FullyShardedDataParallel)
 
 
 def _weights_changed(module: RecsysLM, incompatible_keys) -> None:

@@ -39,12 +39,19 @@ class RetrievalHead(Head):
         if projection:  # start at identity so the pretrained embedding space is kept
             nn.init.eye_(self.projection.weight)
             nn.init.zeros_(self.projection.bias)
+        # One element, not a 0-d scalar: FSDP (trainer=fsdp) cannot shard 0-d parameters.
         self.log_inv_temperature = nn.Parameter(
-            torch.tensor(math.log(1.0 / temperature)), requires_grad=learn_temperature
+            torch.tensor([math.log(1.0 / temperature)]), requires_grad=learn_temperature
         )
         self.logq_correction = logq_correction
         self.register_buffer("log_prior", torch.zeros(0), persistent=False)
         self._item_vectors: torch.Tensor | None = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        key = prefix + "log_inv_temperature"
+        if key in state_dict and state_dict[key].dim() == 0:  # saved while it was 0-d
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def attach(self, data: PreparedData) -> None:
         super().attach(data)
