@@ -172,7 +172,8 @@ def _numeric_if_possible(column: pd.Series) -> pd.Series:
     try:
         return pd.to_numeric(column)
     except (ValueError, TypeError):
-        return column.map(lambda v: None if v is None else str(v))
+        # a run without this override has no value: missing, not the text "nan"
+        return column.map(lambda v: None if not _present(v) else str(v))
 
 
 def config_keys(table: pd.DataFrame) -> list[str]:
