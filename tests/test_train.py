@@ -355,7 +355,9 @@ def test_seeds_run_each_seed_in_its_folder_and_write_mean_std(config, tmp_path, 
     cost = results[0]["cost"]
     assert cost["train_samples"] == 2 * 8 and cost["train_samples_per_s"] > 0
     assert cost["test_queries"] == 40 and cost["test_ms_per_query"] > 0
-    assert cost["peak_memory_mb"] > 0 and cost["peak_memory_kind"] == "process_peak_rss"
+    assert cost["peak_memory_mb"] > 0
+    # Linux resets the peak at fit start: this run's own peak, not the test process's
+    assert cost["peak_memory_kind"] == "process_peak_rss_since_fit"
     summary = json.loads((tmp_path / "seeds.json").read_text())
     values = [r["test"]["ndcg@10"] for r in results]
     assert summary["seeds"] == [42, 43]

@@ -7,6 +7,7 @@ import dataclasses
 import resource
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -34,8 +35,9 @@ class CostMeter(L.Callback):
     """Times training and test batches only (not validation, checkpointing or data set-up):
     `train_samples_per_s` over the optimisation batches, `test_ms_per_query` over the last
     `trainer.test` (the main test set: read it before testing another set), and the peak
-    memory: CUDA's max allocated on a GPU, else the process's peak resident set. Under DDP
-    the figures are rank 0's: its latency and memory, its throughput times the world size."""
+    memory: CUDA's max allocated on a GPU, else the process's peak resident set since fit
+    started (where Linux lets it be reset). Under DDP the figures are rank 0's: its latency
+    and memory, its throughput times the world size."""
 
     def __init__(self) -> None:
         self.train_s = 0.0
@@ -45,6 +47,7 @@ class CostMeter(L.Callback):
         self._started = 0.0
         self._cuda = False
         self._world = 1
+        self._rss_reset = False
 
     def _now(self) -> float:
         # GPU kernels run asynchronously: without a sync the time is the launch, not the work.
@@ -57,6 +60,8 @@ class CostMeter(L.Callback):
         self._world = trainer.world_size  # DDP: this process trains on 1/world of each step
         if self._cuda:
             torch.cuda.reset_peak_memory_stats(pl_module.device)
+        else:
+            self._rss_reset = reset_peak_rss()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._started = self._now()
@@ -83,7 +88,7 @@ class CostMeter(L.Callback):
             "train_samples_per_s": _ratio(samples, self.train_s),
             "test_queries": self.test_queries,
             "test_ms_per_query": _ratio(1000 * self.test_s, self.test_queries),
-            **peak_memory(self._cuda),
+            **peak_memory(self._cuda, self._rss_reset),
         }
 
 
@@ -91,14 +96,33 @@ def _ratio(num: float, den: float) -> float | None:
     return round(num / den, 4) if den else None
 
 
-def peak_memory(cuda: bool) -> dict[str, float | str]:
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident set to its current size (Linux: `5` into
+    /proc/self/clear_refs), so a job that is not the process's first (a multirun's later
+    jobs, a search's trials) reports its own peak. False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory(cuda: bool, rss_reset: bool = False) -> dict[str, float | str]:
     """{"peak_memory_mb", "peak_memory_kind"}: what the numbers mean differs by device."""
     if cuda:
         return {
             "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
             "peak_memory_kind": "cuda_max_allocated",
         }
-    # ru_maxrss is in kilobytes on Linux and bytes on macOS.
+    if rss_reset:  # VmHWM: the peak since the reset, in kB
+        status = Path("/proc/self/status").read_text()
+        high = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
+        return {
+            "peak_memory_mb": round(int(high.split()[1]) / 2**10, 1),
+            "peak_memory_kind": "process_peak_rss_since_fit",
+        }
+    # Without a reset the peak is the process's whole life so far. ru_maxrss is in kilobytes
+    # on Linux and bytes on macOS.
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 2**20 if sys.platform == "darwin" else 2**10
     return {"peak_memory_mb": round(rss / scale, 1), "peak_memory_kind": "process_peak_rss"}
