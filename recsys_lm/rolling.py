@@ -12,10 +12,15 @@ plus the baselines of the retrain runs (an ID-only model among them), and the sa
 over the window's new-item events. Wall times of each retrain and refresh are recorded.
 Writes `<run>/rolling.json` and `<run>/rolling.md` (one table per metric). Each step's run
 folder is kept: a rerun skips the finished steps (an interrupted protocol resumes).
+
+`seeds=N` runs the whole protocol with seed, seed+1, ... (each in `<run>/seed_<s>/`, a
+protocol folder of its own) and adds `<run>/rolling_seeds.json` and `rolling_seeds.md`: every
+window's figures as mean ± std over the seeds.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import sys
@@ -32,9 +37,12 @@ from recsys_lm.build import evaluate_saved
 from recsys_lm.data.prepared import EXTRA_TESTS, NEW_AMONG_NEW, NEW_ITEMS
 from recsys_lm.durable import atomic_write_text
 from recsys_lm.errors import ConfigError
+from recsys_lm.report import format_mean_std, mean_std
 
 log = logging.getLogger("recsys_lm.rolling")
 STAGES = ("test", *EXTRA_TESTS)
+MODELS = ("stale", "refreshed", "retrained")  # per window, in every table
+BASELINES = ("sasrec", "popularity")  # the retrains' ID-only references shown beside them
 
 
 def retrain(cfg: DictConfig, window: int, folder: Path) -> dict[str, Any]:
@@ -114,6 +122,105 @@ def protocol(cfg: DictConfig) -> dict[str, Any]:
     return {"windows": rows}
 
 
+def protocol_seeds(cfg: DictConfig) -> dict[str, Any]:
+    """`seeds=N`: the protocol once per seed in `<run>/seed_<s>/` (finished steps are read
+    back, as in one protocol), then `rolling_seeds.json` / `.md` with mean ± std per window."""
+    count = int(cfg.get("seeds") or 1)
+    if count < 1:
+        raise ConfigError("seeds", count, "a positive number of seeds")
+    if count == 1:
+        return protocol(cfg)
+    out = Path(cfg.paths.output_dir)
+    runs = {}
+    for seed in range(int(cfg.seed), int(cfg.seed) + count):
+        one = copy.deepcopy(cfg)
+        with open_dict(one):
+            one.seed, one.seeds, one.paths.output_dir = seed, 1, str(out / f"seed_{seed}")
+        runs[seed] = protocol(one)["windows"]
+    summary = summarize_seeds(runs, int(cfg.data.k))
+    atomic_write_text(out / "rolling_seeds.json", json.dumps(summary, indent=2))
+    atomic_write_text(out / "rolling_seeds.md", seeds_table(summary))
+    return summary
+
+
+def _figures(row: dict, metric: str) -> dict[str, float | None]:
+    """The numbers of one window of one seed that `summarize_seeds` averages (None: not run)."""
+
+    def score(scores: dict | None, stage: str) -> float | None:
+        return ((scores or {}).get(stage) or {}).get(metric)
+
+    out: dict[str, float | None] = {}
+    for stage, label in (("test", "all"), (NEW_AMONG_NEW, "new_among_new")):
+        for model in MODELS:
+            out[f"{label}/{model}"] = score(row[model], stage)
+        for name in BASELINES:
+            out[f"{label}/{name}"] = score(row["baselines"].get(name), stage)
+    refreshed, retrained = out["all/refreshed"], out["all/retrained"]
+    out["all/refreshed_over_retrained"] = (
+        refreshed / retrained if row["window"] and refreshed and retrained else None
+    )
+    for step in ("refresh", "retrain"):
+        for what in ("steps", "fit_s"):
+            out[f"{step}_{what}"] = row.get(f"{step}_{what}")
+    return out
+
+
+def summarize_seeds(runs: dict[int, list[dict]], k: int) -> dict[str, Any]:
+    """{"seeds", "metric", "windows": [{"window", figure: {"mean", "std", "n"}}]}: each
+    figure over the seeds that have it (window 0 has no refresh)."""
+    metric, windows = f"ndcg@{k}", []
+    for window in range(min(len(rows) for rows in runs.values())):
+        figures = [_figures(rows[window], metric) for rows in runs.values()]
+        entry: dict[str, Any] = {"window": window}
+        for name in figures[0]:
+            values = [f[name] for f in figures if f[name] is not None]
+            if values:
+                entry[name] = mean_std(values)
+        windows.append(entry)
+    return {"seeds": list(runs), "metric": metric, "windows": windows}
+
+
+def seeds_table(summary: dict) -> str:
+    """Markdown: per window, the stale / refreshed / retrained models and the baselines as
+    mean ± std over the seeds, on all events and on the new-item events (among the new)."""
+    seeds = ", ".join(map(str, summary["seeds"]))
+    names = "stale | refreshed | retrained | ID-SASRec | popularity"
+    lines = [
+        f"All test events, {summary['metric']}, mean ± std over seeds {seeds}:",
+        "",
+        f"| window | {names} | refreshed / retrained | refresh: steps, fit s | "
+        "retrain: steps, fit s |",
+        "|---" * 9 + "|",
+    ]
+    for e in summary["windows"]:
+        models = [_cell(e, f"all/{m}") for m in (*MODELS, *BASELINES)]
+        ratio = _cell(e, "all/refreshed_over_retrained") if e["window"] else "(same model)"
+        lines.append(
+            f"| {e['window']} | " + " | ".join(models) + f" | {ratio} | "
+            f"{_mean(e, 'refresh_steps')}, {_mean(e, 'refresh_fit_s')} | "
+            f"{_mean(e, 'retrain_steps')}, {_mean(e, 'retrain_fit_s')} |"
+        )
+    lines += [
+        "",
+        f"New-item events, {summary['metric']} among the window's new items, mean ± std:",
+        "",
+        f"| window | {names} |",
+        "|---" * 6 + "|",
+    ]
+    for e in summary["windows"]:
+        models = [_cell(e, f"new_among_new/{m}") for m in (*MODELS, *BASELINES)]
+        lines.append(f"| {e['window']} | " + " | ".join(models) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(entry: dict, name: str) -> str:
+    return format_mean_std(entry[name]) if name in entry else "-"
+
+
+def _mean(entry: dict, name: str) -> str:
+    return f"{entry[name]['mean']:.0f}" if name in entry else "-"
+
+
 def _scores(result: dict) -> dict:
     return {stage: result.get(stage) for stage in STAGES}
 
@@ -130,9 +237,7 @@ def table(rows: list[dict], k: int) -> str:
 
     def models(row: dict, stage: str) -> list[str]:
         base = row["baselines"]
-        return [get(row[m], stage) for m in ("stale", "refreshed", "retrained")] + [
-            get(base.get(b), stage) for b in ("sasrec", "popularity")
-        ]
+        return [get(row[m], stage) for m in MODELS] + [get(base.get(b), stage) for b in BASELINES]
 
     names = "stale | refreshed | retrained | ID-SASRec | popularity"
     lines = [
@@ -178,11 +283,14 @@ def _ratio(a: dict, b: dict, metric: str) -> str:
 @hydra.main(version_base="1.3", config_path=train_entry.CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
     try:
-        result = protocol(cfg)
+        result = protocol_seeds(cfg)
     except train_entry.USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    print(table(result["windows"], int(cfg.data.k)))
+    if "seeds" in result:
+        print(seeds_table(result))
+    else:
+        print(table(result["windows"], int(cfg.data.k)))
 
 
 if __name__ == "__main__":
