@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from statistics import fmean, stdev
 
 from rich.console import Console
 from rich.table import Table
@@ -47,9 +48,7 @@ def mean_std(values: list[float]) -> dict[str, float | int]:
     """{"mean", "std", "n"}: std is the sample standard deviation (ddof=1; 0 for one value),
     the spread a reader expects behind "mean ± std over seeds"."""
     n = len(values)
-    mean = sum(values) / n
-    std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
-    return {"mean": mean, "std": std, "n": n}
+    return {"mean": fmean(values), "std": stdev(values) if n > 1 else 0.0, "n": n}
 
 
 def over_seeds(results: list[dict]) -> dict[str, dict[str, dict[str, float | int]]]:

@@ -20,7 +20,6 @@ window's figures as mean ± std over the seeds.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import sys
@@ -125,17 +124,13 @@ def protocol(cfg: DictConfig) -> dict[str, Any]:
 def protocol_seeds(cfg: DictConfig) -> dict[str, Any]:
     """`seeds=N`: the protocol once per seed in `<run>/seed_<s>/` (finished steps are read
     back, as in one protocol), then `rolling_seeds.json` / `.md` with mean ± std per window."""
-    count = int(cfg.get("seeds") or 1)
-    if count < 1:
-        raise ConfigError("seeds", count, "a positive number of seeds")
-    if count == 1:
+    seeds = train_entry.seed_range(cfg)
+    if len(seeds) == 1:
         return protocol(cfg)
     out = Path(cfg.paths.output_dir)
     runs = {}
-    for seed in range(int(cfg.seed), int(cfg.seed) + count):
-        one = copy.deepcopy(cfg)
-        with open_dict(one):
-            one.seed, one.seeds, one.paths.output_dir = seed, 1, str(out / f"seed_{seed}")
+    for seed in seeds:
+        one = train_entry.seed_copy(cfg, seed, out / f"seed_{seed}")
         runs[seed] = protocol(one)["windows"]
     summary = summarize_seeds(runs, int(cfg.data.k))
     atomic_write_text(out / "rolling_seeds.json", json.dumps(summary, indent=2))

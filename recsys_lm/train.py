@@ -304,9 +304,8 @@ def run_seeds(
     again in the same folder (`resume=<run>`), finished seeds are read back and
     interrupted ones resumed. The first failing seed's status is returned after the
     others ran."""
-    count = int(cfg.seeds)
-    if count < 1:
-        raise ConfigError("seeds", count, "a positive number of seeds")
+    seeds = seed_range(cfg)
+    count = len(seeds)
     if cfg.trainer.get("strategy"):  # each seed's Trainer would start the other ranks again
         raise ConfigError(
             "seeds", count, "1 with trainer.strategy set: run one command per seed (seed=<s>)"
@@ -316,7 +315,7 @@ def run_seeds(
         o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("seed", "seeds", "resume")
     ]
     results, status = [], 0
-    for seed in range(int(cfg.seed), int(cfg.seed) + count):
+    for seed in seeds:
         folder = output_dir / f"seed_{seed}"
         done = folder / "metrics.json"
         if done.is_file():
@@ -331,18 +330,33 @@ def run_seeds(
             status = status or err.status
     if status:
         return _failed(f"{count - len(results)} of {count} seeds failed", status, raise_failure)
-    summary = {"seeds": list(range(int(cfg.seed), int(cfg.seed) + count)), **over_seeds(results)}
+    summary = {"seeds": list(seeds), **over_seeds(results)}
     atomic_write_text(output_dir / "seeds.json", json.dumps(summary, indent=2))
     _print_seeds(summary)
     return results
 
 
-def _seed_config(cfg: DictConfig, seed: int, folder: Path, overrides: list[str]) -> DictConfig:
-    """One seed's config, saved in its folder as a Hydra run's would be (`.hydra/`), so the
-    seed folder resumes (`resume=<run>/seed_<s>`) and reports like any run."""
+def seed_range(cfg: DictConfig) -> range:
+    """The seeds of a `seeds=N` run: seed, seed+1, ..., seed+N-1."""
+    count = int(cfg.get("seeds") or 1)
+    if count < 1:
+        raise ConfigError("seeds", count, "a positive number of seeds")
+    return range(int(cfg.seed), int(cfg.seed) + count)
+
+
+def seed_copy(cfg: DictConfig, seed: int, folder: Path) -> DictConfig:
+    """`cfg` for one seed of a `seeds=N` run: that seed, run alone, in its own folder."""
     one = copy.deepcopy(cfg)
     with open_dict(one):
         one.seed, one.seeds, one.paths.output_dir = seed, 1, str(folder.resolve())
+    return one
+
+
+def _seed_config(cfg: DictConfig, seed: int, folder: Path, overrides: list[str]) -> DictConfig:
+    """One seed's config, saved in its folder as a Hydra run's would be (`.hydra/`), so the
+    seed folder resumes (`resume=<run>/seed_<s>`) and reports like any run."""
+    one = seed_copy(cfg, seed, folder)
+    with open_dict(one):
         one.resume = None
     saved = folder / ".hydra"
     if (folder / "checkpoints").is_dir() and newest_checkpoint(folder / "checkpoints"):
