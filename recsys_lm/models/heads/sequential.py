@@ -99,8 +99,19 @@ class SequentialHead(Head):
         item_embeddings: str = "cached",
         negatives: int = 0,
         item_batch_size: int = 256,
+        id_dropout: float = 0.0,
+        logq: bool = False,
     ) -> None:
         super().__init__(hidden_size)
+        if not 0.0 <= id_dropout < 1.0:
+            raise ConfigError("head.net.id_dropout", id_dropout, "a probability in [0, 1)")
+        if logq and not (text and item_embeddings == "trained"):
+            raise ConfigError(
+                "head.net.logq",
+                logq,
+                "false, or head.net.item_embeddings=trained with text: only the in-batch "
+                "softmax of the trained item side samples its candidates by popularity",
+            )
         if item_embeddings not in ITEM_EMBEDDINGS:
             raise ConfigError(
                 "head.net.item_embeddings", item_embeddings, f"one of {list(ITEM_EMBEDDINGS)}"
@@ -111,6 +122,15 @@ class SequentialHead(Head):
             )
         self.text, self.use_ids, self.mode = text, id_embedding, item_embeddings
         self.negatives, self.item_batch_size = negatives, item_batch_size
+        # With text and IDs, each training step drops a random `id_dropout` share of the
+        # items' ID vectors, so those items are scored by their text alone: the ID vector
+        # cannot carry the whole model, and the text path stays good for items without one.
+        self.id_dropout = id_dropout if text and id_embedding else 0.0
+        # logQ correction (Yi et al., RecSys 2019) of the in-batch softmax of the trained
+        # item side: a popular item is a candidate in more batches, so it is pushed down more
+        # often than a full softmax would; subtracting log(its frequency) undoes that bias.
+        self.logq = logq
+        self.register_buffer("log_frequency", torch.zeros(0), persistent=False)
         self.dim = dim
         self.encoder = CausalEncoder(dim, max_len, num_layers, num_heads, dropout)
         self.project = None
@@ -155,6 +175,9 @@ class SequentialHead(Head):
             self._trained_items = torch.as_tensor(data.item_counts > 0)
         if self.text:
             self.resize("text_table", (data.num_items, self.hidden_size))
+        if self.logq:
+            counts = torch.as_tensor(data.item_counts, dtype=torch.float32) + 1.0  # no log(0)
+            self.log_frequency = (counts / counts.sum()).log().to(self.text_table.device)
 
     def bind(self, backbone: Backbone) -> None:
         trainable = any(p.requires_grad for p in backbone.parameters())
@@ -199,6 +222,10 @@ class SequentialHead(Head):
             ids = self.ids(index)
             if self.text and len(self.id_known):  # an unseen item is its text alone
                 ids = ids * self.id_known[index].unsqueeze(-1)
+            if self.training and self.id_dropout > 0:
+                # One draw per row: an item dropped this step is text alone everywhere in it.
+                kept = torch.rand(len(index), 1, device=ids.device) >= self.id_dropout
+                ids = ids * kept
             out = out + ids
         return out
 
@@ -216,7 +243,8 @@ class SequentialHead(Head):
             targets = torch.searchsorted(batch.unique, batch.targets.clamp_min(0))
             targets = targets.masked_fill(batch.targets == IGNORE, IGNORE)
             states = self.encoder(self.item_dropout(candidates[local]), batch.mask)
-            return self._softmax(states, targets, candidates)
+            correction = self.log_frequency[batch.unique] if self.logq else None
+            return self._softmax(states, targets, candidates, correction)
         table = self.table()
         states = self.encoder(self.item_dropout(table[batch.items]), batch.mask)
         if self.negatives <= 0:
@@ -224,10 +252,14 @@ class SequentialHead(Head):
         return self._sampled_softmax(states, batch.targets, table)
 
     @staticmethod
-    def _softmax(states: torch.Tensor, targets: torch.Tensor, table: torch.Tensor):
+    def _softmax(states, targets, table, correction: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy over `table`'s rows; `correction` (log frequency per row) is
+        subtracted from the logits (logQ)."""
         keep = targets != IGNORE
-        logits = states[keep] @ table.T
-        return F.cross_entropy(logits.float(), targets[keep])
+        logits = (states[keep] @ table.T).float()
+        if correction is not None:
+            logits = logits - correction
+        return F.cross_entropy(logits, targets[keep])
 
     def _sampled_softmax(self, states, targets, table) -> torch.Tensor:
         keep = targets != IGNORE

@@ -192,3 +192,58 @@ def test_sequential_head_on_movielens_100k(config, ml100k_root, tmp_path, split)
     single = split == "leave_one_out"
     assert_ranking_metrics(result["test"], k=10, one_relevant=single)
     assert_ranking_metrics(result["baselines"]["popularity"]["test"], k=10, one_relevant=single)
+
+
+def _head_with_ids(**options) -> SequentialHead:
+    head = SequentialHead(4, dim=8, num_layers=1, text=True, id_embedding=True, **options)
+    head.resize("ids.weight", (50, 8), lambda t: torch.nn.init.normal_(t))
+    head.resize("id_known", (50,), lambda t: t.fill_(True))
+    return head
+
+
+def test_id_dropout_scores_some_items_by_text_alone_in_training_only():
+    torch.manual_seed(0)
+    head = _head_with_ids(id_dropout=0.5)
+    text, index = torch.zeros(50, 4), torch.arange(50)
+    text_only = head.project(text)
+    dropped = (head.vectors_of(text, index) - text_only).abs().sum(-1) == 0
+    assert 10 < int(dropped.sum()) < 40  # about half the items lost their ID vector
+    head.eval()
+    assert not ((head.vectors_of(text, index) - text_only).abs().sum(-1) == 0).any()
+
+
+def test_id_dropout_needs_a_probability():
+    with pytest.raises(ConfigError, match="head.net.id_dropout"):
+        SequentialHead(4, id_embedding=True, id_dropout=1.0)
+
+
+def test_logq_is_refused_where_no_in_batch_softmax_runs():
+    with pytest.raises(ConfigError, match="head.net.logq"):
+        SequentialHead(4, item_embeddings="cached", logq=True)
+
+
+def test_logq_subtracts_the_log_frequency_from_the_logits():
+    states, table = torch.randn(3, 2, 8), torch.randn(5, 8)
+    targets = torch.tensor([[1, 2], [IGNORE, 4], [0, 3]])
+    correction = torch.log(torch.tensor([0.5, 0.2, 0.1, 0.1, 0.1]))
+    plain = SequentialHead._softmax(states, targets, table)
+    corrected = SequentialHead._softmax(states, targets, table, correction)
+    keep = targets != IGNORE
+    logits = states[keep] @ table.T - correction
+    assert corrected == pytest.approx(torch.nn.functional.cross_entropy(logits, targets[keep]))
+    assert corrected != pytest.approx(plain)
+
+
+def test_trained_item_side_with_logq_and_id_dropout_trains(config):
+    cfg = config(
+        [
+            "head=sequential",
+            "peft=lora",
+            "head.net.id_embedding=true",
+            "head.net.id_dropout=0.3",
+            "head.net.logq=true",
+            "baselines=[]",
+        ]
+    )
+    result = train(cfg)
+    assert_ranking_metrics(result["test"], k=10)
