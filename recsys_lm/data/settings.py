@@ -85,6 +85,7 @@ class DataSettings:
     click_labels: str = "sampled"
     rating_threshold: float = 3.0
     history_items: int | None = None
+    history_by_rating: bool = False
     max_train_samples: int | None = None
     max_val_samples: int | None = None
     max_test_samples: int | None = None
@@ -115,12 +116,27 @@ class DataSettings:
                 raise ConfigError(f"data.max_{stage}_samples", size, "a positive count or null")
         if self.history_items is not None and self.history_items < 1:
             raise ConfigError("data.history_items", self.history_items, "a positive count or null")
+        self._check_history_by_rating()
         if self.click_labels == "rating" and self.split.method not in TIME_ORDERED_SPLITS:
             raise ConfigError(
                 "data.split.method",
                 self.split.method,
                 f"one of {TIME_ORDERED_SPLITS} with data.click_labels=rating: a sample's history "
                 "is the interactions before it in time",
+            )
+
+    def _check_history_by_rating(self) -> None:
+        # The split needs ratings, and words between the groups: otherwise the last liked
+        # title would run into the first disliked one.
+        if self.history_by_rating and self.click_labels != "rating":
+            raise ConfigError(
+                "data.click_labels", self.click_labels, "rating with data.history_by_rating=true"
+            )
+        if self.history_by_rating != bool(self.prompt.disliked_prefix):
+            raise ConfigError(
+                "data.prompt.disliked_prefix",
+                self.prompt.disliked_prefix,
+                "words before the disliked items exactly when data.history_by_rating=true",
             )
 
     def check_lengths(self, max_length: int, prompt_tokens: int = 0) -> None:

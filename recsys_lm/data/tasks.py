@@ -35,6 +35,7 @@ def click_dataset(data: PreparedData, stage: str) -> Dataset:
             s.history_items,
             data.tokens,
             s.max_history_tokens,
+            s.history_by_rating,
         )
     elif stage == "train":
         rows = ClickSet.for_training(
@@ -71,10 +72,17 @@ def click_protocol(data: PreparedData) -> dict:
         # Every held-out rated interaction is a sample: nothing is sampled or ranked.
         out["eval_mode"] = f"rating>{s.rating_threshold:g}"
         out["history_items"] = s.history_items
+        out["history_by_rating"] = s.history_by_rating
         out["labels"] = (
             f"one sample per rated interaction of each part, positive when rating > "
             f"{s.rating_threshold:g}; history = the user's "
-            f"{s.history_items or 'all'} previous interactions in time (any part); "
+            f"{s.history_items or 'all'} previous interactions in time (any part"
+            + (
+                "; split into liked and disliked by their own ratings"
+                if s.history_by_rating
+                else ""
+            )
+            + "); "
             "capped parts are seeded random subsets (TALLRec, Bao et al. 2023)"
         )
     caps = {stage: s.max_samples(stage) for stage in ("train", "val", "test")}

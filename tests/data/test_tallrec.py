@@ -187,6 +187,68 @@ def test_tallrec_protocol_on_movielens_100k(config, ml100k_root, tmp_path, overr
     protocol = result["protocol"]
     assert protocol["samples"] == {"train": 16, "val": 32, "test": 64}
     assert protocol["eval_mode"] == "rating>3" and protocol["history_items"] == 10
+    assert protocol["history_by_rating"] is True  # TALLRec's liked / disliked prompt
     assert protocol["split_method"] == "temporal"
     assert result["timing"]["train_steps"] == 2  # 16 samples, batch 16, 2 epochs
     assert 0.0 <= result["test"]["auroc"] <= 1.0
+
+
+BY_RATING = {"history_by_rating": True, "prompt": {"disliked_prefix": "dislikes:"}}
+
+
+def test_history_by_rating_splits_by_earlier_ratings_only(tokenizer):
+    dm = make(tokenizer, rating_threshold=3, **BY_RATING)
+    for stage in ("train", "val", "test"):
+        for user, history, item, _ in dm.datasets[stage].rows:
+            items, ratings = timeline(dm, user)
+            t = items.index(item)
+            assert history.items == tuple(items[t - 3 : t])
+            assert history.liked == tuple(r > 3 for r in ratings[t - 3 : t])
+    # Ratings cycle 1..5, so some histories mix both groups: the prompt lists liked, then
+    # the words, then disliked, each in time order.
+    cache = dm.tokens
+    row = next(r for r in dm.datasets["train"].rows if 0 < sum(r[1].liked) < 3)
+    liked = [i for i, ok in zip(row[1].items, row[1].liked, strict=True) if ok]
+    disliked = [i for i, ok in zip(row[1].items, row[1].liked, strict=True) if not ok]
+    ids = cache.history_text(row[1], 64)
+    expected = cache.history(liked, 64) + cache.prompt["disliked_prefix"]
+    assert ids == expected + cache.history(disliked, 64)
+
+
+def test_history_by_rating_does_not_leak_the_target_rating(tokenizer):
+    # One interaction's rating flipped across the threshold: its own sample's label flips
+    # but its history must not change; only later samples, which show it, see the new verdict.
+    @dataclass
+    class OneFlipped(RatedSource):
+        def load(self) -> CanonicalData:
+            data = super().load()
+            row = data.interactions.index[10]  # user 0's 11th rating (rating 1: disliked)
+            data.interactions.loc[row, "rating"] = 5
+            return data
+
+    def by_item(dm: PreparedData) -> dict[int, tuple]:
+        return {item: (h, label) for u, h, item, label in dm.datasets["train"].rows if u == 0}
+
+    base, flipped = (
+        by_item(make(tokenizer, **BY_RATING)),
+        by_item(make(tokenizer, OneFlipped(), **BY_RATING)),
+    )
+    target = 0 + 3 * 10  # RatedSource: user 0's 11th item
+    assert base[target][1] == 0.0 and flipped[target][1] == 1.0  # the label follows the rating
+    assert base[target][0] == flipped[target][0]  # ...and its history does not
+    later = [item for item, (h, _) in base.items() if target in h.items]
+    assert later
+    for item in later:
+        position = base[item][0].items.index(target)
+        assert not base[item][0].liked[position] and flipped[item][0].liked[position]
+
+
+def test_history_by_rating_needs_rating_labels_and_dislike_words(tokenizer):
+    with pytest.raises(ConfigError, match="data.click_labels"):
+        make(
+            tokenizer, SampleSource(num_users=10, num_items=30), click_labels="sampled", **BY_RATING
+        )
+    with pytest.raises(ConfigError, match="data.prompt.disliked_prefix"):
+        make(tokenizer, history_by_rating=True)
+    with pytest.raises(ConfigError, match="data.prompt.disliked_prefix"):
+        make(tokenizer, prompt={"disliked_prefix": "dislikes:"})

