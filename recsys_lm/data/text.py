@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from recsys_lm.errors import ConfigError
+from recsys_lm.errors import ConfigError, RecsysLMError
 
 
 def render(items: pd.DataFrame, template: str, key: str) -> list[str]:
@@ -216,6 +216,14 @@ class TokenCache:
         """Ids of a click row's history: in time order, or split by rating when rated."""
         if isinstance(history, RatedHistory):
             return self.rated_history(history, budget)
+        if self.prompt["disliked_prefix"]:
+            # Serving passes plain histories: without the user's ratings the prompt would
+            # put every item under "likes", which the model never saw in training.
+            raise RecsysLMError(
+                "this model reads histories split by the user's ratings "
+                "(data.history_by_rating=true), and this history has no ratings: score it "
+                "with rated histories, or serve a model trained with data.history_by_rating=false"
+            )
         return self.history(history, budget)
 
     def _recent(self, items: list[int], budget: int) -> list[list[int]]:

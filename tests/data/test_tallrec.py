@@ -10,7 +10,7 @@ import pytest
 from recsys_lm.data.canonical import CanonicalData
 from recsys_lm.data.prepared import PreparedData
 from recsys_lm.data.sources.sample import SampleSource
-from recsys_lm.errors import ConfigError
+from recsys_lm.errors import ConfigError, RecsysLMError
 from tests.conftest import make_datamodule
 
 USERS, PER_USER, ITEMS = 6, 20, 40
@@ -252,3 +252,13 @@ def test_history_by_rating_needs_rating_labels_and_dislike_words(tokenizer):
         make(tokenizer, history_by_rating=True)
     with pytest.raises(ConfigError, match="data.prompt.disliked_prefix"):
         make(tokenizer, prompt={"disliked_prefix": "dislikes:"})
+
+
+def test_a_history_without_ratings_is_refused_by_a_rating_split_prompt(tokenizer):
+    # Serving passes plain histories: a model trained on liked / disliked prompts must not
+    # silently read them all as liked.
+    dm = make(tokenizer, rating_threshold=3, **BY_RATING)
+    with pytest.raises(RecsysLMError, match="history_by_rating"):
+        dm.tokens.pair([1, 2, 3], 4, 64)
+    plain = make(tokenizer, rating_threshold=3)
+    assert plain.tokens.pair([1, 2, 3], 4, 64)[0]
