@@ -97,7 +97,11 @@ class BottomK:
                     "LM head (backbone.causal_lm): at least one block must run",
                 )
             backbone.frozen_cache = FrozenLayerCache(
-                layers, self.k, lower_parameters(backbone, self.k), self.cache_dtype, self.cache_max_mb
+                layers,
+                self.k,
+                lower_parameters(backbone, self.k),
+                self.cache_dtype,
+                self.cache_max_mb,
             )
 
 

@@ -143,7 +143,9 @@ class FrozenLayerCache:
         self.entries.clear()
         self.stats = CacheStats()
 
-    def run(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
+    def run(
+        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs
+    ):
         """`model(input_ids=..., attention_mask=..., **kwargs)` with the lower layers' output
         read from the cache (computed for the rows it lacks)."""
         self.check_frozen()
