@@ -162,7 +162,10 @@ class FrozenLayerCache:
             if i in fresh:
                 self._store(key, fresh[i])
         width = input_ids.shape[1]
-        states = rows[0].new_zeros((len(rows), width, rows[0].shape[-1]))
+        # A new tensor, not `new_zeros` of an entry: entries filled during evaluation are
+        # inference-mode tensors, which autograd may read but not build on.
+        shape = (len(rows), width, rows[0].shape[-1])
+        states = torch.zeros(shape, dtype=self.dtype, device=rows[0].device)
         for i, row in enumerate(rows):
             states[i, : row.shape[0]] = row
         lower = {i: _Skip() for i in range(self.k - 1)}
