@@ -323,7 +323,12 @@ def main() -> None:
     results: dict[str, Result] = {}
     for config in chosen_configs:
         train_loader, val_loader = loaders[config.loader]
-        results[config.name] = measure(args, config, train_loader, val_loader, warm, timed)
+        r = results[config.name] = measure(args, config, train_loader, val_loader, warm, timed)
+        # As each row ends: a long run (torch.compile on a busy machine) cut short keeps them.
+        print(
+            f"{config.name}: passes {[round(t, 1) for t in r.passes]} s, val AUROC {r.auroc:.3f}",
+            flush=True,
+        )
 
     print(
         f"machine: {os.cpu_count()} cores ({torch.backends.cpu.get_cpu_capability()}), torch "

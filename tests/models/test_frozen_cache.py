@@ -185,7 +185,8 @@ def test_left_padded_rows_are_refused():
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["head=click"],
+        ["head=click", "peft.config.layers_to_transform=[1]"],  # LoRA only above k
+        ["head=retrieval"],
         ["head=sequential", "head.net.item_embeddings=trained"],
     ],
 )
@@ -209,11 +210,12 @@ def test_training_with_the_cache_through_lightning(config, monkeypatch, override
     assert stats.entries > 0 and stats.hits > 0  # the validation rows (and items) again
     assert result["params"]["trainable"] > 0
     assert load_model(result["model_dir"]).backbone.frozen_cache is None  # serving: plain model
-    if overrides == ["head=click"]:  # the reported AUROC is that of the uncached model too
+    if overrides[0] == "head=click":  # the reported AUROC is that of the uncached model too
         datamodule = fresh_datamodule(cfg, module.cpu())
         module.backbone.frozen_cache = None
         assert result["test"]["auroc"] == pytest.approx(
             recomputed_auroc(module, datamodule), abs=1e-4
         )
+        assert all("layer.1." in n for n, p in module.named_parameters() if "lora_" in n)
     else:
         assert "ndcg@10" in result["test"]
