@@ -1,15 +1,28 @@
 """Training throughput of the framework's click pipeline vs the naive tutorial loop, on CPU.
 
     python benchmarks/bench_throughput.py [--root DIR] [--steps 20] [--batch-size 16]
-                                          [--backbone minilm|tiny_bert] [--seed 0]
+                                          [--passes 3] [--val-rows 256] [--configs a,b,...]
+                                          [--k 4] [--backbone minilm|tiny_bert] [--seed 0]
 
-Both loaders feed the same model class (RecsysLM + ClickHead, seeded init) the same training
-rows of MovieLens-100K (history [SEP] candidate) with the same batch size and step count; only
-the data path differs. Naive: a Dataset that joins the history titles with " ; " and calls the
-tokenizer on every sample, padding to max_length=128 (default collate). Framework: RecDataModule's
-loader (token ids cached once, dynamic padding, length-grouped batches). Each config runs 2
-untimed warm-up steps on other rows, then times one pass over the measured rows, loader
-construction and data loading included (num_workers=0 for both).
+Every row feeds the same model class (RecsysLM + ClickHead, seeded init) the same training
+rows of MovieLens-100K (history [SEP] candidate) with the same batch size and step count; the
+rows differ in the data path and the model-side settings named in the table:
+
+- naive: a Dataset that joins the history titles with " ; " and calls the tokenizer on every
+  sample, padding to max_length=128 (default collate); framework: RecDataModule's loader
+  (token ids cached once, dynamic padding, length-grouped batches);
+- tuning: full fine-tuning or LoRA (r=8 on query/value), each at its strategy's learning rate
+  (conf/peft: 5e-5 and 3e-3, head included, AdamW, weight decay 0.01);
+- `lora-k`: freeze=bottom_k with k=--k (4 of MiniLM's 6 layers), LoRA only above it
+  (`layers_to_transform`: layers 4-5); `cached`: freeze.cache_frozen=true (models/frozen_cache.py);
+- `eager`: attn_implementation="eager" instead of the default SDPA; `bf16`: CPU autocast to
+  bfloat16; `compile`: torch.compile (dynamic shapes) of the layers above k.
+
+Each config runs 2 untimed warm-up steps on other rows, then `--passes` timed passes over the
+measured rows (loader construction and data loading included, num_workers=0): the first pass
+of a cached config pays for filling the cache, the later ones read it, so both are printed.
+After the last pass each model is scored on the same `--val-rows` validation rows (a seeded
+sample, each path encoding them its own way): val AUROC, for "equal or better" to be read off.
 
 The measured rows are a seeded random sample of the training rows. Length grouping sorts
 within mega-batches of min(rows // (4 * batch), 50) batches, so a short run groups less than a
@@ -24,7 +37,7 @@ import argparse
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,6 +49,7 @@ from peft import LoraConfig
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader, Dataset
+from torchmetrics.functional.classification import binary_auroc
 
 from recsys_lm.data.datamodule import RecDataModule
 from recsys_lm.data.datasets.examples import ClickSet
@@ -45,6 +59,7 @@ from recsys_lm.data.sources.sample import SampleSource
 from recsys_lm.data.tasks import get_task
 from recsys_lm.data.text import render
 from recsys_lm.models.backbone import Backbone, build_tiny_bert, load_pretrained
+from recsys_lm.models.freezing import BottomK, layer_stack
 from recsys_lm.models.heads.click import ClickHead
 from recsys_lm.models.module import RecsysLM
 
@@ -76,28 +91,94 @@ class NaiveClickSet(Dataset):
         return {**{k: v.squeeze(0) for k, v in encoded.items()}, "labels": torch.tensor(label)}
 
 
+@dataclass(frozen=True)
+class Config:
+    """One row of the table: the data path and the model-side settings."""
+
+    name: str
+    loader: str  # naive | framework
+    lora: bool
+    bottom_k: bool = False  # freeze=bottom_k with k=--k, LoRA only above it
+    cache: bool = False  # freeze.cache_frozen
+    attention: str = "sdpa"  # sdpa | eager
+    bf16: bool = False  # torch.autocast("cpu", torch.bfloat16) around forward and loss
+    compile: bool = False  # torch.compile of the layers above k
+
+
+CONFIGS = {
+    c.name: c
+    for c in (
+        Config("naive-full", "naive", lora=False),
+        Config("naive-lora", "naive", lora=True),
+        Config("framework-full", "framework", lora=False),
+        Config("framework-lora", "framework", lora=True),
+        Config("lora-k", "framework", lora=True, bottom_k=True),
+        Config("lora-k-cached", "framework", lora=True, bottom_k=True, cache=True),
+        Config(
+            "lora-k-cached-eager",
+            "framework",
+            lora=True,
+            bottom_k=True,
+            cache=True,
+            attention="eager",
+        ),
+        Config("lora-k-cached-bf16", "framework", lora=True, bottom_k=True, cache=True, bf16=True),
+        Config(
+            "lora-k-cached-compile", "framework", lora=True, bottom_k=True, cache=True, compile=True
+        ),
+    )
+}
+LEARNING_RATES = {False: 5e-5, True: 3e-3}  # conf/peft/none.yaml, conf/peft/lora.yaml
+
+
 @dataclass
 class Result:
-    samples: int = 0
-    seconds: float = 0.0
+    samples: int = 0  # per pass
+    passes: list[float] = field(default_factory=list)  # seconds of each timed pass
     loading: float = 0.0  # seconds spent waiting for the next batch (text, tokenizer, collate)
     widths: list[int] = field(default_factory=list)
     real: int = 0  # non-padding tokens
     slots: int = 0  # all token positions, padding included
+    auroc: float = float("nan")  # on the validation rows, after the last pass
+    cache: str = ""  # the cache's counters after the passes
+
+    def rate(self, passes: slice) -> float:
+        chosen = self.passes[passes]
+        return self.samples * len(chosen) / sum(chosen)
 
 
-def make_backbone(name: str, seed: int) -> Backbone:
-    return build_tiny_bert(seed=seed) if name == "tiny_bert" else load_pretrained()
+def make_backbone(name: str, seed: int, attention: str = "sdpa") -> Backbone:
+    backbone = build_tiny_bert(seed=seed) if name == "tiny_bert" else load_pretrained()
+    backbone.model.set_attn_implementation(attention)
+    return backbone
 
 
-def make_model(name: str, lora: bool, seed: int) -> RecsysLM:
-    torch.manual_seed(seed)  # the same head (and LoRA) init for both loaders
-    backbone = make_backbone(name, seed)
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1) if lora else None
-    return RecsysLM(backbone, ClickHead(backbone.hidden_size), "lora" if lora else "none", config)
+def make_model(args, config: Config) -> RecsysLM:
+    torch.manual_seed(args.seed)  # the same head (and LoRA) init for every row
+    backbone = make_backbone(args.backbone, args.seed, config.attention)
+    depth = len(layer_stack(backbone.model))
+    k = args.k if config.bottom_k else 0
+    lora = None
+    if config.lora:  # adapters only above k: below, bottom_k would freeze them at zero
+        above = list(range(k, depth)) if k else None
+        lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, layers_to_transform=above)
+    freeze = BottomK(k=k, cache_frozen=config.cache) if k else None
+    model = RecsysLM(
+        backbone, ClickHead(backbone.hidden_size), "lora" if lora else "none", lora, freeze
+    )
+    if config.compile:
+        for layer in layer_stack(model.backbone.model)[k:]:
+            layer.compile(dynamic=True)
+    return model
 
 
-def steps(model: RecsysLM, optimizer, loader: Iterable, result: Result | None = None) -> None:
+def as_batch(batch):
+    return SimpleNamespace(**batch) if isinstance(batch, dict) else batch  # default collate
+
+
+def steps(
+    model: RecsysLM, optimizer, loader: Iterable, bf16: bool, result: Result | None = None
+) -> None:
     """Forward + BCE + backward + AdamW step per batch; records timings into `result`."""
     batches = iter(loader)
     while True:
@@ -105,32 +186,51 @@ def steps(model: RecsysLM, optimizer, loader: Iterable, result: Result | None = 
         batch = next(batches, None)
         if batch is None:
             return
-        if isinstance(batch, dict):  # default collate: a dict of tensors
-            batch = SimpleNamespace(**batch)
+        batch = as_batch(batch)
         if result is not None:
             result.loading += time.perf_counter() - start
             mask = batch.attention_mask
             result.widths.append(mask.shape[1])
             result.real, result.slots = result.real + int(mask.sum()), result.slots + mask.numel()
-            result.samples += mask.shape[0]
-        model.head.loss(model.backbone, batch).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model.head.loss(model.backbone, batch)
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
 
-def measure(
-    args, lora: bool, loader: Callable[[list[Row]], Iterable], warm: list[Row], timed: list[Row]
-) -> Result:
-    model = make_model(args.backbone, lora, args.seed)
+@torch.no_grad()
+def val_auroc(model: RecsysLM, loader: Iterable, bf16: bool) -> float:
+    model.eval()
+    scores, labels = [], []
+    for batch in loader:
+        batch = as_batch(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            scores.append(model.head(model.backbone, batch).float())
+        labels.append(batch.labels.long())
+    model.train()
+    return float(binary_auroc(torch.cat(scores), torch.cat(labels)))
+
+
+def measure(args, config: Config, loader, val_loader, warm: list[Row], timed: list[Row]) -> Result:
+    model = make_model(args, config)
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.01
+        [p for p in model.parameters() if p.requires_grad],
+        lr=LEARNING_RATES[config.lora],
+        weight_decay=0.01,
     )
-    steps(model, optimizer, loader(warm))  # warm-up on other rows: allocator, kernels, caches
-    torch.manual_seed(args.seed)  # the same dropout draws for both loaders
-    result = Result()
-    start = time.perf_counter()
-    steps(model, optimizer, loader(timed), result)  # loader construction counts too
-    result.seconds = time.perf_counter() - start
+    steps(model, optimizer, loader(warm), config.bf16)  # warm-up on other rows
+    torch.manual_seed(args.seed)  # the same dropout draws for every row
+    result = Result(samples=len(timed))
+    for _ in range(args.passes):
+        start = time.perf_counter()
+        steps(model, optimizer, loader(timed), config.bf16, result)  # loader construction counts
+        result.passes.append(time.perf_counter() - start)
+    result.auroc = val_auroc(model, val_loader(), config.bf16)
+    cache = model.backbone.frozen_cache
+    if cache is not None:
+        stats = cache.stats
+        result.cache = f"{stats.entries} texts, {stats.bytes / 2**20:.0f} MB"
     return result
 
 
@@ -143,6 +243,7 @@ def data_module(args, tokenizer, scratch: str) -> RecDataModule:
         item_template = "{title}. Genres: {genres}. Director: {director}."
     settings = {
         "eval_mode": "sampled",
+        "eval_negatives": 4,  # validation: 1 positive in 5, so a few hundred rows rank enough pairs
         "item_template": item_template,
         "history_template": "{title}",
         "batch_size": args.batch_size,
@@ -165,88 +266,127 @@ def data_module(args, tokenizer, scratch: str) -> RecDataModule:
     return dm
 
 
+def sample(rows: list, count: int, seed: int) -> list:
+    """A seeded random sample: rows in order all belong to one user, whose history lengths
+    would not represent the data set."""
+    if count > len(rows):
+        raise SystemExit(f"asked for {count} rows; the data has {len(rows)}")
+    return [rows[i] for i in np.random.default_rng(seed).permutation(len(rows))[:count]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--root", default=os.environ.get("RECSYS_LM_DATA_ROOT", "/work/shared/data")
     )
-    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
+    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per pass")
+    parser.add_argument("--passes", type=int, default=3, help="timed passes over those rows")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--val-rows", type=int, default=256, help="validation rows scored")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="rows to run, in order")
     parser.add_argument("--backbone", choices=("minilm", "tiny_bert"), default="minilm")
+    parser.add_argument("--k", type=int, default=4, help="bottom_k's k in the lora-k rows")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    chosen_configs = [CONFIGS[name] for name in args.configs.split(",")]
     tokenizer = make_backbone(args.backbone, args.seed).tokenizer
     with tempfile.TemporaryDirectory() as scratch:
         dm = data_module(args, tokenizer, scratch)
-    # A seeded random sample of the training rows: the first rows in order all belong to one
-    # user, whose history lengths would not represent the data set.
     rows = dm.data.datasets["train"].rows
-    need = (args.steps + WARMUP) * args.batch_size
-    if need > len(rows):
-        raise SystemExit(f"--steps/--batch-size need {need} rows; the data has {len(rows)}")
-    chosen = [rows[i] for i in np.random.default_rng(args.seed).permutation(len(rows))[:need]]
+    chosen = sample(rows, (args.steps + WARMUP) * args.batch_size, args.seed)
     timed, warm = chosen[: args.steps * args.batch_size], chosen[args.steps * args.batch_size :]
+    val_rows = sample(dm.data.datasets["val"].rows, args.val_rows, args.seed)
 
     # Naive texts come from the same rendered item table the framework tokenizes.
     items = dm.data.data.items.reset_index(drop=True)
     item_texts = render(items, dm.settings.item_template, "data.item_template")
     history_texts = render(items, dm.settings.history_template, "data.history_template")
+    budget = dm.settings.max_history_tokens
 
     def naive(rows: list[Row]) -> DataLoader:
         dataset = NaiveClickSet(rows, item_texts, history_texts, tokenizer)
         return DataLoader(dataset, batch_size=args.batch_size, num_workers=0)  # rows are shuffled
 
     def framework(rows: list[Row]) -> DataLoader:
-        dm.data.datasets["train"] = ClickSet(rows, dm.data.tokens, dm.settings.max_history_tokens)
+        dm.data.datasets["train"] = ClickSet(rows, dm.data.tokens, budget)
         return dm.train_dataloader()
 
-    results: dict[tuple[str, str], Result] = {}
-    for tuning, lora in (("full", False), ("LoRA", True)):
-        for name, loader in (("naive", naive), ("framework", framework)):
-            results[name, tuning] = measure(args, lora, loader, warm, timed)
+    def naive_val() -> DataLoader:
+        dataset = NaiveClickSet(val_rows, item_texts, history_texts, tokenizer)
+        return DataLoader(dataset, batch_size=64)
 
-    rate = {key: r.samples / r.seconds for key, r in results.items()}
+    def framework_val() -> DataLoader:
+        dataset = ClickSet(val_rows, dm.data.tokens, budget)
+        return DataLoader(dataset, batch_size=64, collate_fn=dataset.collate)
+
+    loaders = {"naive": (naive, naive_val), "framework": (framework, framework_val)}
+    results: dict[str, Result] = {}
+    for config in chosen_configs:
+        train_loader, val_loader = loaders[config.loader]
+        r = results[config.name] = measure(args, config, train_loader, val_loader, warm, timed)
+        # As each row ends: a long run (torch.compile on a busy machine) cut short keeps them.
+        print(
+            f"{config.name}: passes {[round(t, 1) for t in r.passes]} s, val AUROC {r.auroc:.3f}",
+            flush=True,
+        )
+
     print(
-        f"machine: {os.cpu_count()} cores, torch {torch.__version__} with "
-        f"{torch.get_num_threads()} threads, fp32 CPU"
+        f"machine: {os.cpu_count()} cores ({torch.backends.cpu.get_cpu_capability()}), torch "
+        f"{torch.__version__} with {torch.get_num_threads()} threads, fp32 CPU unless bf16"
     )
     print(
-        f"data: {dm.source.name}, {len(rows)} training rows, {len(timed)} timed "
-        f"({WARMUP} warm-up steps on {len(warm)} other rows)"
+        f"data: {dm.source.name}, {len(rows)} training rows, {len(timed)} timed x "
+        f"{args.passes} passes ({WARMUP} warm-up steps on {len(warm)} other rows); val AUROC "
+        f"on {len(val_rows)} validation rows"
     )
-    print(f"backbone: {args.backbone}, batch size {args.batch_size}, {args.steps} timed steps")
+    print(f"backbone: {args.backbone}, batch size {args.batch_size}, {args.steps} steps a pass")
     # Real tokens/sample: the paths truncate differently, so part of a speed-up can come from
     # reading less text rather than from padding less (see the module docstring).
     table = Table(
-        "loader",
-        "tuning",
-        "samples/s",
+        "config",
+        "samples/s pass 1",
+        "samples/s later",
         "mean padded length",
         "padding %",
         "real tokens/sample",
         "loading %",
+        "val AUROC",
+        "cache",
     )
-    for (name, tuning), r in results.items():
+    later = slice(1, None) if args.passes > 1 else slice(0, 1)
+    for name, r in results.items():
         table.add_row(
             name,
-            tuning,
-            f"{rate[name, tuning]:.1f}",
+            f"{r.rate(slice(0, 1)):.1f}",
+            f"{r.rate(later):.1f}",
             f"{sum(r.widths) / len(r.widths):.1f}",
             f"{100 * (1 - r.real / r.slots):.1f}",
-            f"{r.real / r.samples:.1f}",
-            f"{100 * r.loading / r.seconds:.1f}",
+            f"{r.real / (r.samples * len(r.passes)):.1f}",
+            f"{100 * r.loading / sum(r.passes):.1f}",
+            f"{r.auroc:.3f}",
+            r.cache,
         )
-    Console(width=120).print(table)  # a fixed width: piped output would otherwise wrap at 80
-    for label, ours, theirs in (
-        ("framework vs naive, full fine-tuning", ("framework", "full"), ("naive", "full")),
-        ("framework vs naive, LoRA", ("framework", "LoRA"), ("naive", "LoRA")),
-        (
-            "framework LoRA vs naive full fine-tuning (the tutorial setup)",
-            ("framework", "LoRA"),
-            ("naive", "full"),
-        ),
+    Console(width=160).print(table)  # a fixed width: piped output would otherwise wrap at 80
+    every = slice(None)
+    for ours, theirs in (
+        ("framework-full", "naive-full"),
+        ("framework-lora", "naive-lora"),
+        ("framework-lora", "naive-full"),
+        ("lora-k-cached", "naive-full"),
+        ("lora-k-cached", "naive-lora"),
+        ("lora-k-cached", "framework-lora"),
+        ("lora-k-cached", "lora-k"),
+        ("lora-k-cached-eager", "lora-k-cached"),
+        ("lora-k-cached-bf16", "lora-k-cached"),
+        ("lora-k-cached-compile", "lora-k-cached"),
     ):
-        print(f"{label}: {rate[ours] / rate[theirs]:.2f}×")
+        if ours in results and theirs in results:
+            a, b = results[ours], results[theirs]
+            print(
+                f"{ours} vs {theirs}: {a.rate(every) / b.rate(every):.2f}x over all "
+                f"{args.passes} passes ({a.rate(later) / b.rate(later):.2f}x after the first); "
+                f"val AUROC {a.auroc:.3f} vs {b.auroc:.3f}"
+            )
 
 
 if __name__ == "__main__":

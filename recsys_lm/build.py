@@ -299,12 +299,21 @@ def load_model(directory: str | Path) -> RecsysLM:
     needed; `load_run` also attaches the data for `score` / `recommend`."""
     directory = Path(directory)
     cfg = OmegaConf.load(directory / CONFIG)
-    module = build_module(cfg)
+    module = without_frozen_cache(build_module(cfg))
     state = torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True)
     _, unexpected = module.load_state_dict(state, strict=False)
     if unexpected:
         raise RuntimeError(f"{directory / WEIGHTS}: weights the model does not have: {unexpected}")
     return module.eval()
+
+
+def without_frozen_cache(module: RecsysLM) -> RecsysLM:
+    """A saved model runs without `freeze.cache_frozen`'s cache: it pays off for texts that
+    recur across steps and epochs, whereas serving sees new histories all the time (the
+    cache would only grow), and ONNX export traces the plain model (the cached forward
+    reads token ids on the host). Outputs are the same in eval mode, cache or not."""
+    module.backbone.frozen_cache = None
+    return module
 
 
 def warm_start(module: RecsysLM, directory: str | Path) -> None:
@@ -376,7 +385,7 @@ def load_flavour(
     if not (export_dir / wanted.folder).is_dir():
         raise ConfigError("flavour", flavour, f"a flavour exported in {export_dir}")
     merged = export_dir / flavours.FOLDER / flavours.MERGED
-    module = build_module(flavours.load_config(merged))
+    module = without_frozen_cache(build_module(flavours.load_config(merged)))
     flavours.load_head(module, merged)
     # Quantised flavours embed items (offline, once) with the exact merged weights: only the
     # per-request user side runs in int8 (RecsysLM.use_item_backbone).

@@ -23,6 +23,7 @@ from transformers import (
 
 from recsys_lm.errors import ConfigError, RecsysLMError
 from recsys_lm.models import quantization as kbit
+from recsys_lm.models.frozen_cache import FrozenLayerCache
 
 POOLINGS = ("cls", "mean", "last")
 # The default backbone: all-MiniLM-L6-v2 from the PyPI package, so no hub access is needed.
@@ -90,6 +91,9 @@ class Backbone(nn.Module):
         config = getattr(model, "config", None)
         self.hidden_size = int(getattr(config, "hidden_size", 0) or config.n_embd)
         self.is_decoder = is_decoder_config(config)
+        # Set by freeze=bottom_k with cache_frozen (models/freezing.py): the states after the
+        # frozen layers, per text. A plain attribute: neither a submodule nor saved.
+        self.frozen_cache: FrozenLayerCache | None = None
         if self.is_decoder and pooling == "cls":
             raise ConfigError(
                 "backbone.pooling", pooling, "`last` or `mean` for a decoder backbone"
@@ -119,7 +123,10 @@ class Backbone(nn.Module):
             kwargs["token_type_ids"] = token_type_ids
         if self.causal_lm:  # hidden states of the base model; skip the vocabulary projection
             kwargs.update(output_hidden_states=True, logits_to_keep=1)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if self.frozen_cache is not None:
+            out = self.frozen_cache.run(self.model, input_ids, attention_mask, **kwargs)
+        else:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         states = out.hidden_states[-1] if self.causal_lm else out.last_hidden_state
         return pool(states, attention_mask, self.pooling)
 

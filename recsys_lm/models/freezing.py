@@ -16,6 +16,7 @@ from torch import nn
 from recsys_lm.errors import ConfigError
 from recsys_lm.models.adapters import is_peft
 from recsys_lm.models.backbone import Backbone
+from recsys_lm.models.frozen_cache import FrozenLayerCache
 
 log = logging.getLogger(__name__)
 EMBEDDING_NAMES = re.compile(r"(^|\.)(embeddings|embed_tokens|wte|wpe|embed_positions)(\.|$)")
@@ -64,9 +65,16 @@ class HeadOnly:
 
 @dataclass
 class BottomK:
-    """Freeze the embeddings and the `k` lowest transformer layers."""
+    """Freeze the embeddings and the `k` lowest transformer layers.
+
+    With `cache_frozen`, the hidden states after layer k are computed once per text and
+    reused (models/frozen_cache.py): training and evaluation then run only the layers above.
+    """
 
     k: int = 2
+    cache_frozen: bool = False
+    cache_dtype: str = "float32"
+    cache_max_mb: float | None = None
     name = "bottom_k"
 
     def apply(self, backbone: Backbone) -> None:
@@ -78,6 +86,41 @@ class BottomK:
         for index in range(self.k):
             layers[index].requires_grad_(False)
         Embeddings().apply(backbone)
+        if self.cache_frozen:
+            if backbone.causal_lm and self.k == len(layers):
+                # transformers records a decoder's hidden states (which pooling reads) from
+                # its blocks; with every block swapped for the cache, none would be recorded.
+                raise ConfigError(
+                    "freeze.k",
+                    self.k,
+                    f"below {len(layers)} with freeze.cache_frozen=true on a decoder with its "
+                    "LM head (backbone.causal_lm): at least one block must run",
+                )
+            backbone.frozen_cache = FrozenLayerCache(
+                layers,
+                self.k,
+                lower_parameters(backbone, self.k),
+                self.cache_dtype,
+                self.cache_max_mb,
+            )
+
+
+def lower_parameters(backbone: Backbone, k: int) -> list[nn.Parameter]:
+    """Every parameter that shapes the states after layer k: the embeddings and the k lowest
+    layers (adapters inside them included). Prompt and prefix tuning add trainable vectors
+    outside both that reach every layer, so a cache under them is refused outright."""
+    if is_peft(backbone) and backbone.model.active_peft_config.is_prompt_learning:
+        raise ConfigError(
+            "peft",
+            backbone.model.active_peft_config.peft_type.value.lower(),
+            "an adapter inside the layers (lora, ia3, adalora) with freeze.cache_frozen=true: "
+            "trainable virtual tokens or prefixes feed the lower layers, whose states then "
+            "change as they train",
+        )
+    layers = layer_stack(backbone.model)
+    params = [p for layer in layers[:k] for p in layer.parameters()]
+    params += [p for n, p in backbone.model.named_parameters() if EMBEDDING_NAMES.search(n)]
+    return params
 
 
 @dataclass
