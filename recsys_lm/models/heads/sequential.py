@@ -103,8 +103,12 @@ class SequentialHead(Head):
         logq: bool = False,
     ) -> None:
         super().__init__(hidden_size)
-        if not 0.0 <= id_dropout < 1.0:
-            raise ConfigError("head.net.id_dropout", id_dropout, "a probability in [0, 1)")
+        if not 0.0 <= id_dropout < 1.0 or (id_dropout and not (text and id_embedding)):
+            raise ConfigError(
+                "head.net.id_dropout",
+                id_dropout,
+                "a probability in [0, 1), above 0 only with text and head.net.id_embedding=true",
+            )
         if logq and not (text and item_embeddings == "trained"):
             raise ConfigError(
                 "head.net.logq",
@@ -125,7 +129,7 @@ class SequentialHead(Head):
         # With text and IDs, each training step drops a random `id_dropout` share of the
         # items' ID vectors, so those items are scored by their text alone: the ID vector
         # cannot carry the whole model, and the text path stays good for items without one.
-        self.id_dropout = id_dropout if text and id_embedding else 0.0
+        self.id_dropout = id_dropout
         # logQ correction (Yi et al., RecSys 2019) of the in-batch softmax of the trained
         # item side: a popular item is a candidate in more batches, so it is pushed down more
         # often than a full softmax would; subtracting log(its frequency) undoes that bias.

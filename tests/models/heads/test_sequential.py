@@ -215,6 +215,8 @@ def test_id_dropout_scores_some_items_by_text_alone_in_training_only():
 def test_id_dropout_needs_a_probability():
     with pytest.raises(ConfigError, match="head.net.id_dropout"):
         SequentialHead(4, id_embedding=True, id_dropout=1.0)
+    with pytest.raises(ConfigError, match="head.net.id_dropout"):  # no ID vector to drop
+        SequentialHead(4, id_embedding=False, id_dropout=0.3)
 
 
 def test_logq_is_refused_where_no_in_batch_softmax_runs():
