@@ -16,6 +16,7 @@ instantiates the module, the data, the callbacks or a saved model.
     load_run(dir)                a finished run's model with its prepared data attached
     load_flavour(dir, name)      one inference flavour of an export (serving/flavours.py)
     load_export(dir, flavour)    an export served in one flavour: ServedModel (serving/model.py)
+    preadapted_config(cfg, c)    `preadapt=...`: pre-adapt the item encoder, point the backbone at it
 """
 
 from __future__ import annotations
@@ -37,24 +38,29 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from recsys_lm.baselines import check_names as check_baseline_names
+from recsys_lm.data.cooccurrence import PairSet, cooccurring_pairs
 from recsys_lm.data.datamodule import RecDataModule
 from recsys_lm.data.prepared import PreparedData, prepare
 from recsys_lm.data.settings import DataSettings, data_settings
 from recsys_lm.data.task import Task
 from recsys_lm.data.tasks import get_task
+from recsys_lm.durable import atomic_directory
 from recsys_lm.errors import ConfigError, DataError
 from recsys_lm.models.adapters import make_peft_config
+from recsys_lm.models.backbone import load_pretrained
 from recsys_lm.models.export import CONFIG, WEIGHTS
 from recsys_lm.models.heads.base import Head
 from recsys_lm.models.module import RecsysLM
+from recsys_lm.models.preadapt import ItemContrastive, Preadapt, save_backbone
 from recsys_lm.models.quantization import check_quantization
 from recsys_lm.serving import flavours
 from recsys_lm.serving.model import ServedModel, ServingData
 
 LR_MONITOR = "LearningRateMonitor"
+PREADAPTED = "preadapted_backbone"  # the run folder's pre-adapted backbone (preadapt=...)
 HYDRA_KEYS = ("_target_", "_convert_", "_recursive_", "_partial_", "_args_")
 
 
@@ -290,6 +296,100 @@ def baseline_names(cfg: DictConfig, task: Task) -> list[str]:
     """`baselines`, or the task's defaults when it is null."""
     names = cfg.get("baselines")
     return list(task.default_baselines if names is None else names)
+
+
+# -- item-text pre-adaptation ------------------------------------------------------------------
+def preadapted_config(cfg: DictConfig, checked: Checked) -> DictConfig:
+    """`cfg` itself without `preadapt`; with it, a copy whose backbone is the pre-adapted one
+    in `<run>/preadapted_backbone` (a Hugging Face folder), fine-tuning it there first unless
+    an earlier attempt of this run finished it (a resumed run reuses it). Saved models then
+    name that folder, so new items are embedded by the same weights as trained ones."""
+    node = cfg.get("preadapt")
+    if not node:
+        return cfg
+    _check_preadapt_devices(cfg.trainer)
+    folder = Path(cfg.paths.output_dir) / PREADAPTED
+    if not (folder / "config.json").is_file():
+        with atomic_directory(folder) as tmp:
+            save_backbone(_preadapt(cfg, checked, _preadapt_settings(node)), tmp)
+    out = copy.deepcopy(cfg)
+    backbone = {"_target_": f"{load_pretrained.__module__}.{load_pretrained.__name__}"}
+    backbone.update(name_or_path=str(folder.resolve()), pooling=cfg.backbone.pooling)
+    backbone.update(max_length=cfg.backbone.max_length)
+    if cfg.backbone.get("causal_lm") is not None:
+        backbone["causal_lm"] = cfg.backbone.causal_lm
+    with open_dict(out):
+        out.backbone = backbone
+    return out
+
+
+def _check_preadapt_devices(trainer_cfg: DictConfig) -> None:
+    """Every DDP process runs `train`: each would pre-adapt into the same folder."""
+    devices, nodes = trainer_cfg.get("devices", 1), trainer_cfg.get("num_nodes", 1)
+    if devices in (1, "1") and nodes in (1, None):
+        return
+    raise ConfigError(
+        "trainer.devices",
+        devices,
+        "1 with preadapt (one process pre-adapts the encoder); for several devices pre-adapt "
+        "in a one-device run (trainer.max_steps=0), then train with backbone=hf "
+        "backbone.name_or_path=<that run>/preadapted_backbone",
+    )
+
+
+def _preadapt_settings(node: DictConfig) -> Preadapt:
+    check_arguments(Preadapt, node, "preadapt")
+    values = OmegaConf.to_container(node, resolve=True)
+    values["peft"] = make_peft_config("preadapt", node.get("peft"))
+    return Preadapt(**values)
+
+
+def _preadapt(cfg: DictConfig, checked: Checked, settings: Preadapt):
+    """Fit `ItemContrastive` on the training sequences' co-occurring pairs; the backbone
+    with its adapter merged."""
+    backbone = instantiate(cfg.backbone)
+    data = prepare(
+        checked.source, checked.settings, checked.task, backbone.tokenizer, backbone.max_length
+    )
+    pairs = cooccurring_pairs(data.split.train, settings.window)
+    if not len(pairs):
+        raise ConfigError(
+            "preadapt.window",
+            settings.window,
+            f"training sequences with two items or more; {data.name} has no co-occurring pair",
+        )
+    dataset = PairSet(pairs, data.items)
+    generator = torch.Generator().manual_seed(int(cfg.seed))
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        settings.batch_size,
+        shuffle=True,
+        collate_fn=dataset.collate,
+        generator=generator,
+        drop_last=len(dataset) > settings.batch_size,
+    )
+    module = ItemContrastive(backbone, settings)
+    # One device, no validation or checkpoints: a short stage whose output is the folder.
+    trainer = instantiate(
+        cfg.trainer,
+        max_steps=settings.steps,
+        max_epochs=-1,
+        min_epochs=None,
+        devices=1,
+        strategy="auto",
+        num_nodes=1,
+        limit_val_batches=0,
+        val_check_interval=1.0,
+        check_val_every_n_epoch=1,
+        limit_train_batches=1.0,
+        accumulate_grad_batches=1,
+        logger=False,
+        callbacks=[],
+        enable_checkpointing=False,
+        default_root_dir=str(Path(cfg.paths.output_dir) / "preadapt"),
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    return module.adapted()
 
 
 # -- saved models ---------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from recsys_lm.build import (
     build_trainer,
     check_config,
     evaluate_sets,
+    preadapted_config,
     warm_start,
 )
 from recsys_lm.data.prepared import EXTRA_TESTS
@@ -80,6 +81,9 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     checked = check_config(cfg)  # before any data or weights are loaded
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
+    preadapt_start = time.perf_counter()
+    cfg = preadapted_config(cfg, checked)  # the run's own backbone when `preadapt` is set
+    preadapt_s = time.perf_counter() - preadapt_start
     module = build_module(cfg)
     datamodule = build_datamodule(cfg, module, checked)
     datamodule.prepare_data()
@@ -139,6 +143,7 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
             "params": params,
             "timing": {
                 "setup_s": round(setup_s, 2),
+                "preadapt_s": round(preadapt_s, 2) if cfg.get("preadapt") else 0.0,
                 "fit_s": round(fit_s, 2),
                 "eval_s": round(eval_s, 2),
                 "total_s": round(time.perf_counter() - started, 2),
@@ -154,6 +159,7 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
                 "precision": str(cfg.trainer.precision),
                 "seed": cfg.seed,
                 "tags": list(cfg.get("tags") or []),
+                "preadapt": _plain(cfg.get("preadapt")),
             },
         }
         if not trainer.is_global_zero:  # the other DDP processes leave the run folder alone

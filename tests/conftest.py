@@ -27,9 +27,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # One pytest-xdist worker per core (pyproject.toml): a second torch thread per worker
     # would oversubscribe the cores (measured: 198 s instead of 107 s on 2 cores).
     torch.set_num_threads(1)
+# Every weight trains, as most tests expect; the default's frozen-layer cache
+# (freeze=upper_cached) has tests of its own (tests/test_train.py, tests/models).
+ALL_WEIGHTS = "freeze=none"
 # Tiny everything: seconds per run on 2 CPU cores.
 TINY = [
     "backbone=tiny_bert",
+    ALL_WEIGHTS,
     "trainer.accelerator=cpu",
     "trainer.max_steps=4",
     "trainer.max_epochs=1",
@@ -51,7 +55,11 @@ FAST = [
 def make_config(
     tmp_path: Path, overrides: list[str] | None = None, fast: bool = True
 ) -> DictConfig:
-    cfg = entry_config("train", (FAST if fast else []) + (overrides or []))
+    base = FAST if fast else []
+    if any(o.startswith("experiment=") for o in overrides or []):
+        # An experiment states its own freeze (sequential ones: head_only); TINY's would win.
+        base = [o for o in base if o != ALL_WEIGHTS]
+    cfg = entry_config("train", base + (overrides or []))
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
     return cfg

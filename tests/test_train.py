@@ -23,7 +23,9 @@ from recsys_lm.models.module import RecsysLM, count_parameters
 from recsys_lm.train import train
 from tests.conftest import (
     assert_ranking_metrics,
+    entry_config,
     fresh_datamodule,
+    make_config,
     make_datamodule,
     recomputed_auroc,
     train_and_keep,
@@ -213,6 +215,29 @@ def test_retrieval_end_to_end_writes_metrics_protocol_timing_and_checkpoint(conf
     assert result["checkpoint"].endswith(".ckpt")
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
     assert (tmp_path / "csv").is_dir()  # the CSV log
+
+
+def test_the_default_job_trains_only_the_top_layer_over_cached_lower_layers(tmp_path, monkeypatch):
+    """train.yaml's own freeze (the default job's fast path) on tiny BERT: LoRA trains in the
+    top layer only, and the frozen layer below is computed once per text."""
+    from recsys_lm.models.frozen_cache import FrozenLayerCache
+    from tests.conftest import FAST
+
+    assert entry_config("train", []).freeze.k == -1
+    calls = []
+    original = FrozenLayerCache.run
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.k)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(FrozenLayerCache, "run", counted)
+    overrides = [o for o in FAST if o != "freeze=none"] + CHEAP
+    result = train(make_config(tmp_path, overrides, fast=False))
+    assert result["run"]["freeze"] == "bottom_k" and result["run"]["peft"] == "lora"
+    assert calls and set(calls) == {1}  # tiny BERT's 2 layers: layer 0 cached
+    assert 0 < result["params"]["trainable"] < result["params"]["total"]
+    assert_ranking_metrics(result["test"], k=10)
 
 
 @pytest.mark.slow

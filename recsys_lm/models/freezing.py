@@ -79,30 +79,40 @@ class BottomK:
 
     def apply(self, backbone: Backbone) -> None:
         layers = layer_stack(backbone.model)
-        if not 0 <= self.k <= len(layers):
-            raise ConfigError(
-                "freeze.k", self.k, f"between 0 and the backbone's {len(layers)} layers"
-            )
-        for index in range(self.k):
+        k = self.frozen_layers(len(layers))
+        for index in range(k):
             layers[index].requires_grad_(False)
         Embeddings().apply(backbone)
         if self.cache_frozen:
-            if backbone.causal_lm and self.k == len(layers):
+            if backbone.causal_lm and k == len(layers):
                 # transformers records a decoder's hidden states (which pooling reads) from
                 # its blocks; with every block swapped for the cache, none would be recorded.
                 raise ConfigError(
                     "freeze.k",
                     self.k,
-                    f"below {len(layers)} with freeze.cache_frozen=true on a decoder with its "
+                    f"fewer than all {len(layers)} layers with freeze.cache_frozen=true on a decoder with its "
                     "LM head (backbone.causal_lm): at least one block must run",
                 )
             backbone.frozen_cache = FrozenLayerCache(
                 layers,
-                self.k,
-                lower_parameters(backbone, self.k),
+                k,
+                lower_parameters(backbone, k),
                 self.cache_dtype,
                 self.cache_max_mb,
             )
+
+    def frozen_layers(self, depth: int) -> int:
+        """How many layers `k` freezes in a `depth`-layer stack: k itself, or with k < 0 all
+        but the top |k| (k = -1 trains only the last layer of any backbone)."""
+        k = self.k if self.k >= 0 else depth + self.k
+        if not 0 <= k <= depth:
+            raise ConfigError(
+                "freeze.k",
+                self.k,
+                f"between {-depth} and {depth} for the backbone's {depth} layers "
+                "(negative: all but the top |k|)",
+            )
+        return k
 
 
 def lower_parameters(backbone: Backbone, k: int) -> list[nn.Parameter]:
@@ -115,7 +125,8 @@ def lower_parameters(backbone: Backbone, k: int) -> list[nn.Parameter]:
             backbone.model.active_peft_config.peft_type.value.lower(),
             "an adapter inside the layers (lora, ia3, adalora) with freeze.cache_frozen=true: "
             "trainable virtual tokens or prefixes feed the lower layers, whose states then "
-            "change as they train",
+            "change as they train (or freeze=none / freeze.cache_frozen=false, e.g. beside "
+            "the default freeze=upper_cached)",
         )
     layers = layer_stack(backbone.model)
     params = [p for layer in layers[:k] for p in layer.parameters()]

@@ -19,9 +19,19 @@ def test_bottom_k_freezes_embeddings_and_lowest_layers():
     assert names and all("encoder.layer.1." in n for n in names)
 
 
-def test_bottom_k_beyond_depth_names_the_key():
+@pytest.mark.parametrize("k", [3, -3])
+def test_bottom_k_beyond_depth_names_the_key(k):
     with pytest.raises(ConfigError, match="freeze.k"):
-        BottomK(k=3).apply(build_tiny_bert())
+        BottomK(k=k).apply(build_tiny_bert())
+
+
+def test_negative_k_trains_only_the_top_layers():
+    """k=-1 on a 3-layer stack freezes layers 0 and 1, as k=2 does."""
+    backbone = build_tiny_bert(num_hidden_layers=3)
+    BottomK(k=-1, cache_frozen=True).apply(backbone)
+    names = trainable(backbone)
+    assert names and all("encoder.layer.2." in n for n in names)
+    assert backbone.frozen_cache is not None and backbone.frozen_cache.k == 2
 
 
 def test_embeddings_and_bitfit_and_head_only():
