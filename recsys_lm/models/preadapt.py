@@ -35,6 +35,7 @@ class Preadapt:
 
     window: int = 1
     top_layers: int | None = 2
+    cache_max_mb: float | None = 1024
     steps: int = 300
     batch_size: int = 64
     lr: float = 1e-3
@@ -98,7 +99,7 @@ class ItemContrastive(L.LightningModule):
         if top is not None and top < len(layer_stack(backbone.model)):
             # Only the top layers adapt; the states below them are computed once per item
             # text and cached, so a step costs the top layers alone (models/frozen_cache.py).
-            BottomK(k=-top, cache_frozen=True).apply(backbone)
+            BottomK(k=-top, cache_frozen=True, cache_max_mb=settings.cache_max_mb).apply(backbone)
         self.train()  # from_pretrained returns eval mode: dropout would stay off
 
     def training_step(self, batch: CooccurrenceBatch, batch_idx: int) -> torch.Tensor:
