@@ -69,17 +69,19 @@ def contrastive_loss(
     popular item recurs within a batch), so it is left out of the softmax."""
     first, second = F.normalize(first, dim=-1), F.normalize(second, dim=-1)
     logits = first @ second.T / temperature
-    eye = torch.eye(len(first), dtype=torch.bool, device=first.device)
-    same = (second_items[None, :] == second_items[:, None]) | (
-        second_items[None, :] == first_items[:, None]
-    )
-    forward = logits.masked_fill(same & ~eye, float("-inf"))
-    same_back = (first_items[None, :] == first_items[:, None]) | (
-        first_items[None, :] == second_items[:, None]
-    )
-    backward = logits.T.masked_fill(same_back & ~eye, float("-inf"))
+    forward = logits.masked_fill(_no_negative(second_items, first_items), float("-inf"))
+    backward = logits.T.masked_fill(_no_negative(first_items, second_items), float("-inf"))
     target = torch.arange(len(first), device=first.device)
     return (F.cross_entropy(forward, target) + F.cross_entropy(backward, target)) / 2
+
+
+def _no_negative(candidates: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """[row, column] True where column's candidate item is row's own positive or its anchor,
+    off the diagonal (the diagonal is the positive itself)."""
+    repeats = (candidates[None, :] == candidates[:, None]) | (
+        candidates[None, :] == anchors[:, None]
+    )
+    return repeats & ~torch.eye(len(candidates), dtype=torch.bool, device=candidates.device)
 
 
 class ItemContrastive(L.LightningModule):
