@@ -3,6 +3,7 @@
     python benchmarks/bench_throughput.py [--root DIR] [--steps 20] [--batch-size 16]
                                           [--passes 3] [--val-rows 256] [--configs a,b,...]
                                           [--k 4] [--backbone minilm|tiny_bert] [--seed 0]
+                                          [--target-from CONFIG] [--max-passes 12]
 
 Every row feeds the same model class (RecsysLM + ClickHead, seeded init) the same training
 rows of MovieLens-100K (history [SEP] candidate) with the same batch size and step count; the
@@ -15,6 +16,7 @@ rows differ in the data path and the model-side settings named in the table:
   (conf/peft: 5e-5 and 3e-3, head included, AdamW, weight decay 0.01);
 - `lora-k`: freeze=bottom_k with k=--k (4 of MiniLM's 6 layers), LoRA only above it
   (`layers_to_transform`: layers 4-5); `cached`: freeze.cache_frozen=true (models/frozen_cache.py);
+  `full-k-cached`: the layers above k fully fine-tuned (no adapter, full fine-tuning's rate), cached;
 - `eager`: attn_implementation="eager" instead of the default SDPA; `bf16`: CPU autocast to
   bfloat16; `compile`: torch.compile (dynamic shapes) of the layers above k.
 
@@ -22,7 +24,14 @@ Each config runs 2 untimed warm-up steps on other rows, then `--passes` timed pa
 measured rows (loader construction and data loading included, num_workers=0): the first pass
 of a cached config pays for filling the cache, the later ones read it, so both are printed.
 After the last pass each model is scored on the same `--val-rows` validation rows (a seeded
-sample, each path encoding them its own way): val AUROC, for "equal or better" to be read off.
+sample, each path encoding them its own way): val AUROC, for "equal or better" to be read off,
+with a 95% paired bootstrap interval of each compared pair's AUROC difference (same rows).
+
+Time to accuracy (`--target-from naive-full`): that config runs first, for `--passes` passes;
+every other config then validates after each of its passes and stops at the first whose val
+AUROC reaches the reference's (at most `--max-passes`). Printed: the training seconds each
+needed (validation excluded) against the reference's, i.e. how much faster it gets to the same
+validation metric, not just how many more samples a second it reads.
 
 The measured rows are a seeded random sample of the training rows. Length grouping sorts
 within mega-batches of min(rows // (4 * batch), 50) batches, so a short run groups less than a
@@ -114,6 +123,7 @@ CONFIGS = {
         Config("framework-lora", "framework", lora=True),
         Config("lora-k", "framework", lora=True, bottom_k=True),
         Config("lora-k-cached", "framework", lora=True, bottom_k=True, cache=True),
+        Config("full-k-cached", "framework", lora=False, bottom_k=True, cache=True),
         Config(
             "lora-k-cached-eager",
             "framework",
@@ -140,10 +150,20 @@ class Result:
     real: int = 0  # non-padding tokens
     slots: int = 0  # all token positions, padding included
     auroc: float = float("nan")  # on the validation rows, after the last pass
+    scores: torch.Tensor | None = None  # per validation row, in val_rows order (paired tests)
+    labels: torch.Tensor | None = None
     cache: str = ""  # the cache's counters after the passes
+    curve: list[float] = field(default_factory=list)  # val AUROC after each pass (--target-from)
+    reached: int | None = None  # first pass whose val AUROC reached the reference's
+
+    def seconds(self, passes: int) -> float:
+        """Training seconds of the first `passes` passes (validation excluded)."""
+        return sum(self.passes[:passes])
 
     def rate(self, passes: slice) -> float:
         chosen = self.passes[passes]
+        if not chosen:  # a --target-from row that reached the target on its first pass
+            return float("nan")
         return self.samples * len(chosen) / sum(chosen)
 
 
@@ -200,7 +220,8 @@ def steps(
 
 
 @torch.no_grad()
-def val_auroc(model: RecsysLM, loader: Iterable, bf16: bool) -> float:
+def val_scores(model: RecsysLM, loader: Iterable, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores and labels of the validation rows, in their order (no shuffling)."""
     model.eval()
     scores, labels = [], []
     for batch in loader:
@@ -209,10 +230,38 @@ def val_auroc(model: RecsysLM, loader: Iterable, bf16: bool) -> float:
             scores.append(model.head(model.backbone, batch).float())
         labels.append(batch.labels.long())
     model.train()
-    return float(binary_auroc(torch.cat(scores), torch.cat(labels)))
+    return torch.cat(scores), torch.cat(labels)
 
 
-def measure(args, config: Config, loader, val_loader, warm: list[Row], timed: list[Row]) -> Result:
+def auroc_difference(a: Result, b: Result, reps: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% paired bootstrap interval of AUROC(a) - AUROC(b): both scored the same rows, so
+    resampling rows jointly removes the rows' own difficulty from the noise."""
+    generator = torch.Generator().manual_seed(seed)
+    n, diffs = len(a.labels), []
+    for _ in range(reps):
+        idx = torch.randint(n, (n,), generator=generator)
+        labels = a.labels[idx]
+        if labels.min() == labels.max():  # a resample with one class has no AUROC
+            continue
+        diffs.append(
+            float(binary_auroc(a.scores[idx], labels) - binary_auroc(b.scores[idx], labels))
+        )
+    low, high = np.quantile(diffs, [0.025, 0.975])
+    return float(low), float(high)
+
+
+def measure(
+    args,
+    config: Config,
+    loader,
+    val_loader,
+    warm: list[Row],
+    timed: list[Row],
+    target: float | None = None,
+) -> Result:
+    """`--passes` timed passes, then val AUROC; with a `target` (the reference's val AUROC),
+    val AUROC after every pass instead, stopping at the first pass that reaches it or after
+    `--max-passes`."""
     model = make_model(args, config)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
@@ -222,11 +271,19 @@ def measure(args, config: Config, loader, val_loader, warm: list[Row], timed: li
     steps(model, optimizer, loader(warm), config.bf16)  # warm-up on other rows
     torch.manual_seed(args.seed)  # the same dropout draws for every row
     result = Result(samples=len(timed))
-    for _ in range(args.passes):
+    for index in range(args.passes if target is None else args.max_passes):
         start = time.perf_counter()
         steps(model, optimizer, loader(timed), config.bf16, result)  # loader construction counts
         result.passes.append(time.perf_counter() - start)
-    result.auroc = val_auroc(model, val_loader(), config.bf16)
+        if target is not None:  # eval mode draws no dropout: the training stream is unchanged
+            result.scores, result.labels = val_scores(model, val_loader(), config.bf16)
+            result.curve.append(float(binary_auroc(result.scores, result.labels)))
+            if result.curve[-1] >= target:
+                result.reached = index + 1
+                break
+    if target is None:
+        result.scores, result.labels = val_scores(model, val_loader(), config.bf16)
+    result.auroc = float(binary_auroc(result.scores, result.labels))
     cache = model.backbone.frozen_cache
     if cache is not None:
         stats = cache.stats
@@ -287,8 +344,20 @@ def main() -> None:
     parser.add_argument("--backbone", choices=("minilm", "tiny_bert"), default="minilm")
     parser.add_argument("--k", type=int, default=4, help="bottom_k's k in the lora-k rows")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--target-from",
+        default=None,
+        help="time to accuracy: this config (run first) trains --passes passes; every other "
+        "one trains until its val AUROC reaches that config's, validating after each pass",
+    )
+    parser.add_argument("--max-passes", type=int, default=12, help="bound with --target-from")
     args = parser.parse_args()
-    chosen_configs = [CONFIGS[name] for name in args.configs.split(",")]
+    names = args.configs.split(",")
+    if args.target_from is not None:  # the reference first: the others need its AUROC
+        if args.target_from not in names:
+            raise SystemExit(f"--target-from {args.target_from} is not among --configs {names}")
+        names = [args.target_from] + [n for n in names if n != args.target_from]
+    chosen_configs = [CONFIGS[name] for name in names]
     tokenizer = make_backbone(args.backbone, args.seed).tokenizer
     with tempfile.TemporaryDirectory() as scratch:
         dm = data_module(args, tokenizer, scratch)
@@ -321,14 +390,21 @@ def main() -> None:
 
     loaders = {"naive": (naive, naive_val), "framework": (framework, framework_val)}
     results: dict[str, Result] = {}
+    target = None
     for config in chosen_configs:
         train_loader, val_loader = loaders[config.loader]
-        r = results[config.name] = measure(args, config, train_loader, val_loader, warm, timed)
+        r = results[config.name] = measure(
+            args, config, train_loader, val_loader, warm, timed, target
+        )
         # As each row ends: a long run (torch.compile on a busy machine) cut short keeps them.
+        curve = f" (after each pass: {[round(a, 3) for a in r.curve]})" if r.curve else ""
         print(
-            f"{config.name}: passes {[round(t, 1) for t in r.passes]} s, val AUROC {r.auroc:.3f}",
+            f"{config.name}: passes {[round(t, 1) for t in r.passes]} s, val AUROC "
+            f"{r.auroc:.3f}{curve}",
             flush=True,
         )
+        if config.name == args.target_from:
+            target = r.auroc
 
     print(
         f"machine: {os.cpu_count()} cores ({torch.backends.cpu.get_cpu_capability()}), torch "
@@ -344,6 +420,7 @@ def main() -> None:
     # reading less text rather than from padding less (see the module docstring).
     table = Table(
         "config",
+        "passes",
         "samples/s pass 1",
         "samples/s later",
         "mean padded length",
@@ -357,6 +434,7 @@ def main() -> None:
     for name, r in results.items():
         table.add_row(
             name,
+            str(len(r.passes)),
             f"{r.rate(slice(0, 1)):.1f}",
             f"{r.rate(later):.1f}",
             f"{sum(r.widths) / len(r.widths):.1f}",
@@ -367,12 +445,16 @@ def main() -> None:
             r.cache,
         )
     Console(width=160).print(table)  # a fixed width: piped output would otherwise wrap at 80
+    if target is not None:
+        print_time_to_target(args, results, target)
     every = slice(None)
     for ours, theirs in (
         ("framework-full", "naive-full"),
         ("framework-lora", "naive-lora"),
         ("framework-lora", "naive-full"),
         ("lora-k-cached", "naive-full"),
+        ("full-k-cached", "naive-full"),
+        ("full-k-cached", "framework-full"),
         ("lora-k-cached", "naive-lora"),
         ("lora-k-cached", "framework-lora"),
         ("lora-k-cached", "lora-k"),
@@ -382,11 +464,38 @@ def main() -> None:
     ):
         if ours in results and theirs in results:
             a, b = results[ours], results[theirs]
+            low, high = auroc_difference(a, b, seed=args.seed)
             print(
-                f"{ours} vs {theirs}: {a.rate(every) / b.rate(every):.2f}x over all "
-                f"{args.passes} passes ({a.rate(later) / b.rate(later):.2f}x after the first); "
-                f"val AUROC {a.auroc:.3f} vs {b.auroc:.3f}"
+                f"{ours} vs {theirs}: {a.rate(every) / b.rate(every):.2f}x over all passes "
+                f"({len(a.passes)} and {len(b.passes)}; {a.rate(later) / b.rate(later):.2f}x "
+                "after the first); "
+                f"val AUROC {a.auroc:.3f} vs {b.auroc:.3f} (difference {a.auroc - b.auroc:+.3f}, "
+                f"95% paired bootstrap {low:+.3f} to {high:+.3f})"
             )
+
+
+def print_time_to_target(args, results: dict[str, Result], target: float) -> None:
+    reference = results[args.target_from]
+    base = reference.seconds(args.passes)
+    print(
+        f"time to accuracy: {args.target_from} trained {args.passes} passes "
+        f"({base:.0f} s) to val AUROC {target:.3f}; training seconds (validation excluded) "
+        "for each other config to reach it:"
+    )
+    for name, r in results.items():
+        if name == args.target_from:
+            continue
+        if r.reached is None:
+            print(
+                f"  {name}: not reached in {args.max_passes} passes "
+                f"({r.seconds(args.max_passes):.0f} s; best {max(r.curve):.3f})"
+            )
+            continue
+        spent = r.seconds(r.reached)
+        print(
+            f"  {name}: {spent:.0f} s ({r.reached} passes, val AUROC {r.auroc:.3f}): "
+            f"{base / spent:.2f}x faster"
+        )
 
 
 if __name__ == "__main__":

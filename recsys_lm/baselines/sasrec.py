@@ -42,6 +42,7 @@ class SASRecOptions:
     num_heads: int = 2
     dropout: float = 0.2
     max_len: int = 50
+    window_stride: int | None = None  # data.window_stride's meaning (sequences.spans)
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 128
@@ -57,6 +58,12 @@ class SASRecOptions:
                 "baseline_options.sasrec",
                 {k: getattr(self, k) for k in ("max_epochs", "eval_every", "patience")},
                 "positive max_epochs and eval_every, and a patience >= 0",
+            )
+        if self.window_stride is not None and not 1 <= self.window_stride <= self.max_len:
+            raise ConfigError(
+                "baseline_options.sasrec.window_stride",
+                self.window_stride,
+                f"null or 1..baseline_options.sasrec.max_len ({self.max_len})",
             )
 
 
@@ -179,7 +186,8 @@ def fit(data: PreparedData, options: SASRecOptions) -> IDSASRec:
 
 
 def _train_loader(data: PreparedData, options: SASRecOptions) -> DataLoader:
-    windows = SequenceSet(data.split, options.max_len)  # item IDs only, no texts
+    # Item IDs only, no texts.
+    windows = SequenceSet(data.split, options.max_len, stride=options.window_stride)
     return DataLoader(
         windows,
         batch_size=options.batch_size,

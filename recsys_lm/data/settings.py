@@ -74,6 +74,7 @@ class DataSettings:
     eval_batch_size: int = 128
     length_grouping: bool = False
     max_sequence_length: int = 50
+    window_stride: int | None = None
     use_cache: bool = True
     new_interactions: str | None = None
     cache_dir: str = "~/.cache/recsys_lm"
@@ -108,6 +109,15 @@ class DataSettings:
             raise ConfigError("data.eval_mode", self.eval_mode, f"one of {list(EVAL_MODES)}")
         if self.k < 1:
             raise ConfigError("data.k", self.k, "a positive cut-off")
+        if (
+            self.window_stride is not None
+            and not 1 <= self.window_stride <= self.max_sequence_length
+        ):
+            raise ConfigError(
+                "data.window_stride",
+                self.window_stride,
+                f"null or 1..data.max_sequence_length ({self.max_sequence_length})",
+            )
         if self.click_labels not in CLICK_LABELS:
             raise ConfigError("data.click_labels", self.click_labels, f"one of {CLICK_LABELS}")
         for stage in ("train", "val", "test"):

@@ -114,9 +114,16 @@ def retrieval_dataset(data: PreparedData, stage: str) -> Dataset:
 
 
 def sequential_dataset(data: PreparedData, stage: str) -> Dataset:
-    max_len = data.settings.max_sequence_length
+    settings, max_len = data.settings, data.settings.max_sequence_length
     if stage == "train":
-        return SequenceSet(data.split, max_len, data.tokens, data.settings.split.replay, data.seed)
+        return SequenceSet(
+            data.split,
+            max_len,
+            data.tokens,
+            settings.split.replay,
+            data.seed,
+            settings.window_stride,
+        )
     return SequenceRankingSet(
         data.split, stage, data.num_items, max_len, **ranking_candidates(data)
     )

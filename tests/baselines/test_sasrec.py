@@ -76,6 +76,8 @@ def test_the_monitor_follows_the_task(prepared):
 def test_bad_options_are_config_errors(prepared):
     with pytest.raises(ConfigError, match="baseline_options.sasrec"):
         options(eval_every=0)
+    with pytest.raises(ConfigError, match=r"sasrec.window_stride.*max_len \(20\)"):
+        options(window_stride=21)
     with pytest.raises(TypeError, match="dims"):
         BASELINES["sasrec"].build(prepared("sequential"), dims=8)
 
@@ -121,3 +123,16 @@ def test_id_sasrec_baseline_from_the_command_line(config, head):
     sasrec = result["baselines"]["sasrec"]
     assert set(sasrec["test"]) == set(result["test"])
     assert sasrec["val"] != result["baselines"]["popularity"]["val"]
+
+
+def test_per_prefix_windows_reach_the_trainer(prepared):
+    """window_stride=1: one window per prefix longer than max_len (the earliest window holds
+    the shorter prefixes whole), every transition trained once."""
+    from recsys_lm.baselines.sasrec import _train_loader
+
+    data = prepared("sequential")
+    lengths = [len(s) for s in data.split.train if len(s) >= 2]
+    per_prefix = _train_loader(data, options(window_stride=1)).dataset
+    assert len(per_prefix) == sum(max(n - 1 - TINY["max_len"], 0) + 1 for n in lengths)
+    assert sum(per_prefix.trained) == sum(n - 1 for n in lengths)
+    assert len(_train_loader(data, options()).dataset) < len(per_prefix)

@@ -30,20 +30,34 @@ def left_pad(sequences: list[list[int]], value: int = 0) -> tuple[torch.Tensor, 
     return out, mask
 
 
-def windows(sequence: list[int], max_len: int) -> list[list[int]]:
+def windows(sequence: list[int], max_len: int, stride: int | None = None) -> list[list[int]]:
     """Chunks of at most max_len + 1 items (inputs plus the shifted targets), taken from the
     end backwards, so long histories train on all their transitions, not just the last ones."""
-    return [sequence[start:end] for start, end in spans(len(sequence), max_len)]
+    return [sequence[start:end] for start, end, _ in spans(len(sequence), max_len, stride)]
 
 
-def spans(length: int, max_len: int) -> list[tuple[int, int]]:
-    """(start, end) of each chunk `windows` cuts from a sequence of this length."""
+def spans(length: int, max_len: int, stride: int | None = None) -> list[tuple[int, int, int]]:
+    """(start, end, trained) of each window cut from a sequence of this length, from the end
+    backwards: items [start, end), of which the last `trained` targets carry the loss.
+
+    stride = None (or max_len): windows that do not overlap, every target trained once, but a
+    target early in a window sees only the few items before it in that window. A smaller
+    stride moves each window `stride` items back and trains only its last `stride` targets:
+    still every target once, now each with up to max_len items of context (stride=1 is one
+    sample per prefix, SASRec as RecBole trains it), with about max_len / stride times the
+    windows (and steps) a pass."""
+    stride = max_len if stride is None else stride
+    if not 1 <= stride <= max_len:
+        raise ValueError(f"window stride {stride} outside 1..max_len ({max_len})")
     out = []
     end = length
     while end >= 2:
         start = max(0, end - max_len - 1)
-        out.append((start, end))
-        end = start + 1 if start > 0 else 0
+        if start == 0:  # the earliest window: every target not yet trained
+            out.append((0, end, end - 1))
+            break
+        out.append((start, end, stride))
+        end -= stride
     return out
 
 
@@ -57,28 +71,36 @@ class SequenceSet(Dataset):
         cache: TokenCache | None = None,
         replay: float = 1.0,
         seed: int = 0,
+        stride: int | None = None,
     ) -> None:
         """With `split.fresh_from` (a refresh): the windows whose last target is fresh plus
-        a `replay` x as large seeded sample of the older ones."""
+        a `replay` x as large seeded sample of the older ones. `stride`: see `spans`."""
         self.max_len, self.cache = max_len, cache
-        cut = [(u, a, b) for u, seq in enumerate(split.train) for a, b in spans(len(seq), max_len)]
+        cut = [
+            (u, *span)
+            for u, seq in enumerate(split.train)
+            for span in spans(len(seq), max_len, stride)
+        ]
         if split.fresh_from is not None:
-            fresh = [split.is_fresh(u, b - 1) for u, _, b in cut]
+            fresh = [split.is_fresh(u, b - 1) for u, _, b, _ in cut]
             cut = [cut[i] for i in replay_sample(fresh, replay, seed)]
-        self.rows = [split.train[u][a:b] for u, a, b in cut]
+        self.rows = [split.train[u][a:b] for u, a, b, _ in cut]
+        self.trained = [n for *_, n in cut]  # per row: how many of its last targets are trained
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> list[int]:
-        return self.rows[index]
+    def __getitem__(self, index: int) -> tuple[list[int], int]:
+        return self.rows[index], self.trained[index]
 
     def lengths(self) -> list[int]:
         return [len(w) for w in self.rows]
 
-    def collate(self, rows: list[list[int]]) -> SequenceBatch:
-        items, mask = left_pad([w[:-1] for w in rows])
-        targets, _ = left_pad([w[1:] for w in rows], IGNORE)
+    def collate(self, rows: list[tuple[list[int], int]]) -> SequenceBatch:
+        items, mask = left_pad([w[:-1] for w, _ in rows])
+        # Targets before a window's last `trained` were trained by a later window (with more
+        # context): ignored here, so each transition carries the loss once a pass.
+        targets, _ = left_pad([[IGNORE] * (len(w) - 1 - n) + w[-n:] for w, n in rows], IGNORE)
         batch = SequenceBatch(items, mask, targets)
         seen = torch.cat([items[mask], targets[targets != IGNORE]])
         batch.unique = torch.unique(seen)

@@ -7,9 +7,11 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from recsys_lm.build import build_module, load_model
-from recsys_lm.data.datasets.sequences import IGNORE, SequenceSet, left_pad, windows
+from recsys_lm.data.datasets.sequences import IGNORE, SequenceSet, left_pad, spans, windows
+from recsys_lm.data.settings import data_settings
 from recsys_lm.data.split import Split
 from recsys_lm.errors import ConfigError
 from recsys_lm.metrics import RankingMetrics
@@ -27,6 +29,42 @@ def test_windows_cover_every_transition_once():
     assert pairs == {(i, i + 1) for i in range(11)}
     assert all(len(w) <= 5 for w in chunks)
     assert windows([3], 4) == []
+
+
+@pytest.mark.parametrize("stride", [None, 1, 2, 4])
+def test_strided_windows_train_every_transition_once_with_its_context(stride):
+    seq, max_len = list(range(12)), 4
+    trained = []  # (target position, items before it inside its window)
+    for start, end, n in spans(len(seq), max_len, stride):
+        assert end - start <= max_len + 1
+        trained += [(t, t - start) for t in range(end - n, end)]
+    assert sorted(t for t, _ in trained) == list(range(1, 12))  # each transition, once
+    context = dict(trained)
+    if stride == 1:  # one sample per prefix: every target sees min(t, max_len) items
+        assert all(context[t] == min(t, max_len) for t in context)
+    if stride is None:  # not overlapping: the old cut, early targets of a window see little
+        assert windows(seq, max_len) == [[7, 8, 9, 10, 11], [3, 4, 5, 6, 7], [0, 1, 2, 3]]
+        assert context[4] == 1
+
+
+def test_spans_refuse_a_stride_outside_the_window():
+    with pytest.raises(ValueError, match="window stride 5"):
+        spans(10, 4, 5)
+
+
+def test_strided_batch_ignores_targets_a_later_window_trains():
+    split = Split(train=[[1, 2, 3, 4, 5, 6]], val=[[]], test=[[]])
+    data = SequenceSet(split, max_len=3, stride=1)
+    assert data.rows == [[3, 4, 5, 6], [2, 3, 4, 5], [1, 2, 3, 4]]
+    batch = data.collate([data[0], data[2]])
+    assert batch.items.tolist() == [[3, 4, 5], [1, 2, 3]]
+    assert batch.targets.tolist() == [[IGNORE, IGNORE, 6], [2, 3, 4]]  # the first window: all
+
+
+def test_window_stride_is_checked_against_the_sequence_length():
+    with pytest.raises(ConfigError, match=r"data.window_stride.*1..data.max_sequence_length \(8\)"):
+        data_settings(OmegaConf.create({"max_sequence_length": 8, "window_stride": 9}))
+    assert data_settings(OmegaConf.create({"window_stride": 1})).window_stride == 1
 
 
 def test_left_pad_keeps_the_latest_item_last():
