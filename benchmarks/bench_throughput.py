@@ -283,11 +283,12 @@ def measure(
                 break
     if target is None:
         result.scores, result.labels = val_scores(model, val_loader(), config.bf16)
-    result.auroc = float(binary_auroc(result.scores, result.labels))
+        result.auroc = float(binary_auroc(result.scores, result.labels))
+    else:  # the last pass's scores: validated above
+        result.auroc = result.curve[-1]
     cache = model.backbone.frozen_cache
     if cache is not None:
-        stats = cache.stats
-        result.cache = f"{stats.entries} texts, {stats.bytes / 2**20:.0f} MB"
+        result.cache = f"{len(cache)} texts, {cache.stats.bytes / 2**20:.0f} MB"
     return result
 
 

@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import socket
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -364,8 +363,8 @@ def _finish(status: str) -> None:
 
 def _write_json(path: Path, data: dict) -> None:
     """Whole or not at all: a reader never sees half a record."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2)
-    os.replace(tmp, path)
+    # Imported here: durable loads torch and Lightning, which a Hydra launcher that only
+    # reads this module's callbacks should not pay for at start-up.
+    from recsys_lm.durable import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2))

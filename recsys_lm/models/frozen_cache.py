@@ -46,12 +46,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass
 class CacheStats:
     """Counters since the cache was made: rows served from it, rows computed, the forward
-    passes through the lower layers those took, and what is stored."""
+    passes through the lower layers those took, and the bytes stored (`len(cache)` counts
+    the stored texts)."""
 
     hits: int = 0
     misses: int = 0
     lower_passes: int = 0
-    entries: int = 0
     bytes: int = 0
     full_skips: int = 0  # rows computed but not stored because `max_mb` was reached
 
@@ -139,6 +139,10 @@ class FrozenLayerCache:
                 "embedding or lower layer (or an adapter there) would change the cached states",
             )
 
+    def __len__(self) -> int:
+        """Texts stored."""
+        return len(self.entries)
+
     def clear(self) -> None:
         self.entries.clear()
         self.stats = CacheStats()
@@ -213,7 +217,6 @@ class FrozenLayerCache:
             self.stats.full_skips += 1
             return
         self.entries[key] = states
-        self.stats.entries += 1
         self.stats.bytes += size
 
 

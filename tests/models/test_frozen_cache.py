@@ -57,7 +57,7 @@ def test_cached_forward_equals_the_uncached_one(name, k):
     torch.testing.assert_close(again, reference, atol=1e-5, rtol=1e-4)
     assert n < ids.shape[1]  # it was padded in the batch
     torch.testing.assert_close(alone, reference[2:3], atol=1e-5, rtol=1e-4)
-    assert backbone.frozen_cache.stats.entries == len(TEXTS)
+    assert len(backbone.frozen_cache) == len(TEXTS)
 
 
 def test_causal_lm_pooling_is_unchanged_by_the_cache():
@@ -158,7 +158,7 @@ def test_the_size_bound_stores_no_more_and_still_answers():
         BottomK(k=1, cache_frozen=True, cache_max_mb=5 * 32 * 4 / 2**20).apply(backbone)
         cached = backbone(ids, mask, types)
     stats = backbone.frozen_cache.stats
-    assert (stats.entries, stats.full_skips, stats.bytes) == (1, 2, 5 * 32 * 4)
+    assert (len(backbone.frozen_cache), stats.full_skips, stats.bytes) == (1, 2, 5 * 32 * 4)
     torch.testing.assert_close(cached, reference, atol=1e-5, rtol=1e-4)
 
 
@@ -206,8 +206,8 @@ def test_training_with_the_cache_through_lightning(config, monkeypatch, override
             "baselines=[]",
         ],
     )
-    stats = module.backbone.frozen_cache.stats
-    assert stats.entries > 0 and stats.hits > 0  # the validation rows (and items) again
+    cache = module.backbone.frozen_cache
+    assert len(cache) > 0 and cache.stats.hits > 0  # the validation rows (and items) again
     assert result["params"]["trainable"] > 0
     assert load_model(result["model_dir"]).backbone.frozen_cache is None  # serving: plain model
     if overrides[0] == "head=click":  # the reported AUROC is that of the uncached model too
