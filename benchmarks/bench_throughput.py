@@ -3,7 +3,8 @@
     python benchmarks/bench_throughput.py [--root DIR] [--steps 20] [--batch-size 16]
                                           [--passes 3] [--val-rows 256] [--configs a,b,...]
                                           [--k 4] [--backbone minilm|tiny_bert] [--seed 0]
-                                          [--target-from CONFIG] [--max-passes 12]
+                                          [--target-from CONFIG | --budget-from CONFIG]
+                                          [--max-passes 12]
 
 Every row feeds the same model class (RecsysLM + ClickHead, seeded init) the same training
 rows of MovieLens-100K (history [SEP] candidate) with the same batch size and step count; the
@@ -31,7 +32,14 @@ Time to accuracy (`--target-from naive-full`): that config runs first, for `--pa
 every other config then validates after each of its passes and stops at the first whose val
 AUROC reaches the reference's (at most `--max-passes`). Printed: the training seconds each
 needed (validation excluded) against the reference's, i.e. how much faster it gets to the same
-validation metric, not just how many more samples a second it reads.
+validation metric, not just how many more samples a second it reads. Stopping at the first
+pass that reaches the target picks the best of a noisy curve, which favours the other config.
+
+Equal training time (`--budget-from naive-full`): that config runs first, for `--passes`
+passes, and its training seconds are the budget; every other config trains whole passes while
+the next one (estimated by its last) still fits in the budget (at least one, at most
+`--max-passes`) and is validated once, at the end. No pass is chosen by its validation
+metric, so the AUROC difference is an unbiased reading of "equal or better at equal time".
 
 The measured rows are a seeded random sample of the training rows. Length grouping sorts
 within mega-batches of min(rows // (4 * batch), 50) batches, so a short run groups less than a
@@ -258,10 +266,11 @@ def measure(
     warm: list[Row],
     timed: list[Row],
     target: float | None = None,
+    time_budget: float | None = None,
 ) -> Result:
     """`--passes` timed passes, then val AUROC; with a `target` (the reference's val AUROC),
     val AUROC after every pass instead, stopping at the first pass that reaches it or after
-    `--max-passes`."""
+    `--max-passes`; with a `time_budget` (training seconds), whole passes while the next fits."""
     model = make_model(args, config)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
@@ -271,7 +280,8 @@ def measure(
     steps(model, optimizer, loader(warm), config.bf16)  # warm-up on other rows
     torch.manual_seed(args.seed)  # the same dropout draws for every row
     result = Result(samples=len(timed))
-    for index in range(args.passes if target is None else args.max_passes):
+    bounded = target is not None or time_budget is not None
+    for index in range(args.max_passes if bounded else args.passes):
         start = time.perf_counter()
         steps(model, optimizer, loader(timed), config.bf16, result)  # loader construction counts
         result.passes.append(time.perf_counter() - start)
@@ -281,6 +291,9 @@ def measure(
             if result.curve[-1] >= target:
                 result.reached = index + 1
                 break
+        # The next pass takes about as long as this one (the cache is filled in the first).
+        elif time_budget is not None and sum(result.passes) + result.passes[-1] > time_budget:
+            break
     if target is None:
         result.scores, result.labels = val_scores(model, val_loader(), config.bf16)
         result.auroc = float(binary_auroc(result.scores, result.labels))
@@ -345,19 +358,30 @@ def main() -> None:
     parser.add_argument("--backbone", choices=("minilm", "tiny_bert"), default="minilm")
     parser.add_argument("--k", type=int, default=4, help="bottom_k's k in the lora-k rows")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
+    reference = parser.add_mutually_exclusive_group()
+    reference.add_argument(
         "--target-from",
         default=None,
         help="time to accuracy: this config (run first) trains --passes passes; every other "
         "one trains until its val AUROC reaches that config's, validating after each pass",
     )
-    parser.add_argument("--max-passes", type=int, default=12, help="bound with --target-from")
+    reference.add_argument(
+        "--budget-from",
+        default=None,
+        help="equal training time: this config (run first) trains --passes passes; every other "
+        "one trains whole passes within the same training seconds, validated once at the end",
+    )
+    parser.add_argument(
+        "--max-passes", type=int, default=12, help="bound with --target-from / --budget-from"
+    )
     args = parser.parse_args()
     names = args.configs.split(",")
-    if args.target_from is not None:  # the reference first: the others need its AUROC
-        if args.target_from not in names:
-            raise SystemExit(f"--target-from {args.target_from} is not among --configs {names}")
-        names = [args.target_from] + [n for n in names if n != args.target_from]
+    first = args.target_from or args.budget_from
+    if first is not None:  # the reference first: the others need its AUROC or its seconds
+        flag = "--target-from" if args.target_from else "--budget-from"
+        if first not in names:
+            raise SystemExit(f"{flag} {first} is not among --configs {names}")
+        names = [first] + [n for n in names if n != first]
     chosen_configs = [CONFIGS[name] for name in names]
     tokenizer = make_backbone(args.backbone, args.seed).tokenizer
     with tempfile.TemporaryDirectory() as scratch:
@@ -391,11 +415,11 @@ def main() -> None:
 
     loaders = {"naive": (naive, naive_val), "framework": (framework, framework_val)}
     results: dict[str, Result] = {}
-    target = None
+    target = time_budget = None
     for config in chosen_configs:
         train_loader, val_loader = loaders[config.loader]
         r = results[config.name] = measure(
-            args, config, train_loader, val_loader, warm, timed, target
+            args, config, train_loader, val_loader, warm, timed, target, time_budget
         )
         # As each row ends: a long run (torch.compile on a busy machine) cut short keeps them.
         curve = f" (after each pass: {[round(a, 3) for a in r.curve]})" if r.curve else ""
@@ -406,6 +430,8 @@ def main() -> None:
         )
         if config.name == args.target_from:
             target = r.auroc
+        if config.name == args.budget_from:
+            time_budget = r.seconds(args.passes)
 
     print(
         f"machine: {os.cpu_count()} cores ({torch.backends.cpu.get_cpu_capability()}), torch "
@@ -448,6 +474,8 @@ def main() -> None:
     Console(width=160).print(table)  # a fixed width: piped output would otherwise wrap at 80
     if target is not None:
         print_time_to_target(args, results, target)
+    if time_budget is not None:
+        print_equal_time(args, results, time_budget)
     every = slice(None)
     for ours, theirs in (
         ("framework-full", "naive-full"),
@@ -497,6 +525,21 @@ def print_time_to_target(args, results: dict[str, Result], target: float) -> Non
             f"  {name}: {spent:.0f} s ({r.reached} passes, val AUROC {r.auroc:.3f}): "
             f"{base / spent:.2f}x faster"
         )
+
+
+def print_equal_time(args, results: dict[str, Result], budget: float) -> None:
+    reference = results[args.budget_from]
+    print(
+        f"equal training time: {args.budget_from} trained {args.passes} passes ({budget:.0f} s, "
+        f"val AUROC {reference.auroc:.3f}); each other config within the same seconds:"
+    )
+    for name, r in results.items():
+        if name != args.budget_from:
+            print(
+                f"  {name}: {len(r.passes)} passes in {r.seconds(len(r.passes)):.0f} s, "
+                f"{len(r.passes) * r.samples} samples against {args.passes * r.samples}, "
+                f"val AUROC {r.auroc:.3f} ({r.auroc - reference.auroc:+.3f})"
+            )
 
 
 if __name__ == "__main__":
